@@ -1,0 +1,133 @@
+"""The `receraser` command line. Run `receraser --help` or `receraser COMMAND --help`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from receraser_core.data.interactions import DataError
+
+EPILOG = """\
+datasets: ml-1m (the RecEraser authors' split), ml-1m-full (all of ML-1M, seeded 80/20 + 10%% validation),
+yelp2018 (LightGCN's split, seeded 10%% of train as validation), csv:PATH, parquet:PATH (your own table).
+Data is read from $RECERASER_DATA_DIR, else ../shared/data beside the checkout, else ~/.cache/receraser/data.
+"""
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None, help="dataset directory (default: see below)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the protocol / validation split (default 0)")
+    p.add_argument("--user-col", default="user", help="user column of a csv:/parquet: table (default 'user')")
+    p.add_argument("--item-col", default="item", help="item column of a csv:/parquet: table (default 'item')")
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 - returns Interactions
+    from receraser_core.data.readers import load_dataset
+
+    return load_dataset(args.dataset, args.data_dir, args.seed, args.user_col, args.item_col)
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    counts = _load(args).counts()
+    if args.json:
+        print(json.dumps(counts, indent=2))
+        return 0
+    print(f"dataset      {counts['dataset']}  ({counts['split']})")
+    print(f"users        {counts['users']:,}")
+    print(f"items        {counts['items']:,}")
+    print(f"train        {counts['train']:,}")
+    print(f"valid        {counts['valid']:,}")
+    print(f"test         {counts['test']:,}  ({counts['test_users']:,} test users)")
+    print(f"total        {counts['interactions']:,}")
+    print(f"density      {counts['density']:.4%}")
+    if "published_train" in counts:
+        print(f"published train (before validation was carved out)  {counts['published_train']:,}")
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from receraser_core.data.download import FETCHERS
+    from receraser_core.data.readers import default_data_dir
+
+    data_dir = args.data_dir or default_data_dir()
+    FETCHERS[args.name](data_dir, progress=lambda msg: print(msg, file=sys.stderr))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.run import run_main_job
+
+    run_main_job(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="receraser",
+        description="RecEraser: exact recommendation unlearning with sharded training and attention aggregation.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser(
+        "data", help="inspect or download datasets", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    info = data_sub.add_parser(
+        "info",
+        help="users, items, train/valid/test counts and density of a dataset",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    info.add_argument("dataset", help="dataset name (see below)")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_data_args(info)
+    info.set_defaults(func=cmd_data_info)
+
+    fetch = data_sub.add_parser(
+        "fetch",
+        help="download a dataset from its original source, verify checksums, convert it",
+        description="Download ml-1m (GroupLens archive + the RecEraser authors' split) or yelp2018 "
+        "(LightGCN's files). Every file's checksum is verified before anything is written.",
+    )
+    fetch.add_argument("name", choices=["ml-1m", "yelp2018"])
+    fetch.add_argument("--data-dir", type=Path, default=None, help="where to write (default: the data directory)")
+    fetch.set_defaults(func=cmd_data_fetch)
+
+    from pipelines.run import add_run_arguments
+
+    run = sub.add_parser(
+        "run",
+        help="the main job: train and evaluate on a dataset end to end",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_arguments(run)
+    _add_data_args(run)
+    run.set_defaults(func=cmd_run)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DataError as exc:
+        print(f"receraser: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:  # unknown original ids
+        print(f"receraser: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("receraser: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

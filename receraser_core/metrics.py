@@ -1,0 +1,102 @@
+"""Full-ranking evaluation (DESIGN.md section 4).
+
+For every user with at least one test item, all items are ranked by score with the user's *training*
+items masked out (validation items stay rankable). With ``T_u`` the user's test items and ``rel_r`` = 1 if
+the item at rank r (1-based) is in ``T_u``:
+
+    Recall@N = |top-N ∩ T_u| / |T_u|
+    NDCG@N   = DCG@N / IDCG@N,  DCG@N = sum_{r<=N} rel_r / log2(r + 1),  IDCG@N = sum_{r<=min(N, |T_u|)} 1 / log2(r + 1)
+
+Both are averaged over test users. Scores are computed in user batches, so memory is O(batch * n_items).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # (b,) user indices -> (b, n_items) scores
+
+DEFAULT_KS: tuple[int, ...] = (10, 20, 50)
+
+
+def _rows_dense(m: sp.csr_matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Dense bool tensor (len(rows), n_cols) of the selected CSR rows."""
+    sub = m[rows].tocoo()
+    out = torch.zeros((len(rows), m.shape[1]), dtype=torch.bool, device=device)
+    out[torch.from_numpy(sub.row).to(device).long(), torch.from_numpy(sub.col).to(device).long()] = True
+    return out
+
+
+def evaluate(
+    score_fn: ScoreFn,
+    train: sp.csr_matrix,
+    test: sp.csr_matrix,
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+    users: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Mean Recall@k and NDCG@k over users with test items (optionally restricted to ``users``).
+
+    Returns ``{"recall@10": ..., "ndcg@10": ..., ..., "users": n_evaluated}``.
+    """
+    if train.shape != test.shape:
+        raise ValueError(f"train {train.shape} and test {test.shape} shapes differ")
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"cut-offs must be positive integers, got {ks}")
+    dev = torch.device(device)
+    train, test = sp.csr_matrix(train), sp.csr_matrix(test)
+    n_test = np.diff(test.indptr)
+    eval_users = np.flatnonzero(n_test > 0)
+    if users is not None:
+        eval_users = np.intersect1d(eval_users, np.asarray(users))
+    max_k = min(ks[-1], train.shape[1])
+    # discount[r] = 1 / log2(r + 2) for 0-based rank r; idcg_table[j] = sum of the first j discounts
+    discount = 1.0 / torch.log2(torch.arange(2, max_k + 2, dtype=torch.float64, device=dev))
+    idcg_table = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev), discount.cumsum(0)])
+    sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
+    for start in range(0, len(eval_users), batch_size):
+        rows = eval_users[start : start + batch_size]
+        with torch.no_grad():
+            scores = score_fn(torch.from_numpy(rows).to(dev)).to(torch.float32).clone()  # (b, n_items)
+        scores.masked_fill_(_rows_dense(train, rows, dev), float("-inf"))
+        top = torch.topk(scores, max_k, dim=1).indices  # (b, max_k)
+        hits = torch.gather(_rows_dense(test, rows, dev), 1, top).to(torch.float64)  # (b, max_k)
+        n_rel = torch.from_numpy(n_test[rows]).to(dev)
+        for k in ks:
+            kk = min(k, max_k)
+            recall = hits[:, :kk].sum(1) / n_rel
+            dcg = (hits[:, :kk] * discount[:kk]).sum(1)
+            idcg = idcg_table[torch.clamp(n_rel, max=kk)]
+            sums[f"recall@{k}"] += float(recall.sum())
+            sums[f"ndcg@{k}"] += float((dcg / idcg).sum())
+    n = max(len(eval_users), 1)
+    result: dict[str, float] = {key: value / n for key, value in sums.items()}
+    result["users"] = float(len(eval_users))
+    return result
+
+
+def evaluate_embeddings(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    train: sp.csr_matrix,
+    test: sp.csr_matrix,
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """`evaluate` with inner-product scores: user_emb (n_users, d), item_emb (n_items, d)."""
+    item_t = item_emb.t()
+    return evaluate(
+        lambda u: user_emb[u.to(user_emb.device)] @ item_t, train, test, ks, batch_size, device=user_emb.device
+    )
+
+
+def popularity_scores(train: sp.csr_matrix) -> ScoreFn:
+    """The most-popular baseline: every user gets the items' training counts as scores."""
+    counts = torch.from_numpy(np.asarray(train.sum(axis=0)).ravel().astype(np.float32))  # (n_items,)
+    return lambda users: counts.unsqueeze(0).expand(len(users), -1)

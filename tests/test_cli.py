@@ -1,0 +1,61 @@
+"""The `receraser` command line: data info, clean one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from receraser_cli.main import main
+
+
+def _table(tmp_path: Path) -> Path:
+    rows = [(u, i) for u in range(10) for i in range(u, u + 6)]
+    path = tmp_path / "t.csv"
+    path.write_text("user,item\n" + "".join(f"{u},{i}\n" for u, i in rows))
+    return path
+
+
+def test_data_info_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "info", f"csv:{_table(tmp_path)}", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["users"], info["items"], info["interactions"]) == (10, 15, 60)
+    assert info["train"] + info["valid"] + info["test"] == 60
+    assert info["density"] == pytest.approx(60 / 150)
+
+
+def test_data_info_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "info", f"csv:{_table(tmp_path)}"]) == 0
+    out = capsys.readouterr().out
+    assert "users        10" in out and "density" in out
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [("user,item\n", "no rows"), ("who,what\n1,2\n", "missing column"), ("user,item\n1,\n", ":2: empty")],
+)
+def test_malformed_input_is_one_line_error(tmp_path: Path, content: str, needle: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    proc = subprocess.run(
+        [sys.executable, "-m", "receraser_cli.main", "data", "info", f"csv:{path}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("receraser: error:") and needle in lines[0]
+    assert str(path) in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_main_job_on_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_json = tmp_path / "m.json"
+    assert main(["run", "--dataset", f"csv:{_table(tmp_path)}", "--model", "popularity", "--json", str(out_json)]) == 0
+    metrics = json.loads(out_json.read_text())
+    assert 0.0 <= metrics["recall@20"] <= 1.0 and metrics["users"] == 10
+    assert "Recall@N" in capsys.readouterr().out
