@@ -1,0 +1,236 @@
+"""The one interface every base recommender implements, and the shared training loop pieces.
+
+A model is fitted on a binary training matrix (the whole training set or one shard), may early-stop on a
+validation matrix, and exposes user and item embeddings whose inner product is the score. That last point
+is what lets one aggregator combine BPR, WMF and LightGCN submodels alike.
+
+Exact unlearning depends on one rule enforced here: ``fit`` reads nothing but its ``train`` matrix, its
+``valid`` matrix (for early stopping; never deleted from) and its seed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from receraser_core.metrics import evaluate
+
+EpochLog = dict[str, float]
+Callback = Callable[[EpochLog], None]
+
+
+class ConfigError(ValueError):
+    """A model configuration value is out of range or unknown."""
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Fields every model shares. Subclasses add their own hyperparameters."""
+
+    dim: int = 64
+    epochs: int = 100
+    patience: int = 5  # evaluations without a validation Recall@10 gain before stopping
+    eval_every: int = 1
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        for name in ("dim", "epochs", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise ConfigError(f"patience must be >= 0, got {self.patience}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BaseConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` did: per-evaluation history, the selected epoch and its validation score."""
+
+    history: list[EpochLog] = field(default_factory=list)
+    best_epoch: int = 0
+    best_valid_recall: float = float("nan")
+    epochs_run: int = 0
+    seconds: float = 0.0
+
+
+class Recommender(ABC):
+    """Base class: subclasses implement ``_init_params``, ``_train_epoch`` and ``embeddings``."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[BaseConfig]]
+
+    def __init__(self, n_users: int, n_items: int, config: BaseConfig | None = None) -> None:
+        config = config if config is not None else self.config_cls()
+        if not isinstance(config, self.config_cls):
+            raise ConfigError(f"{self.name} needs a {self.config_cls.__name__}, got {type(config).__name__}")
+        config.validate()
+        if n_users < 1 or n_items < 1:
+            raise ConfigError(f"need at least one user and one item, got {n_users} x {n_items}")
+        self.n_users, self.n_items, self.config = n_users, n_items, config
+        self.device = torch.device(config.device)
+        self.params: dict[str, torch.Tensor] = {}
+
+    # -- to implement -------------------------------------------------------------------------------
+    @abstractmethod
+    def _init_params(self, train: sp.csr_matrix, generator: torch.Generator) -> None: ...
+
+    @abstractmethod
+    def _train_epoch(self, train: sp.csr_matrix, epoch: int, rng: np.random.Generator) -> float:
+        """One pass over ``train``; returns the mean training loss."""
+
+    @abstractmethod
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final (user (n_users, d), item (n_items, d)) embeddings; score = user @ item.T."""
+
+    # -- shared ---------------------------------------------------------------------------------------
+    def score(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores (len(users), n_items) for a batch of internal user indices."""
+        user_emb, item_emb = self.embeddings()
+        return user_emb[users.to(user_emb.device)] @ item_emb.t()
+
+    def fit(
+        self,
+        train: sp.csr_matrix,
+        valid: sp.csr_matrix | None = None,
+        callback: Callback | None = None,
+    ) -> FitResult:
+        """Train on ``train`` (n_users, n_items); early-stop on validation Recall@10 when ``valid`` is given.
+
+        The parameters kept are those of the best validation evaluation. Same data + config + seed give
+        bit-identical parameters on CPU.
+        """
+        train = _check_matrix(train, (self.n_users, self.n_items), "train")
+        if valid is not None:
+            valid = _check_matrix(valid, (self.n_users, self.n_items), "valid")
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        self._init_params(train, generator)
+        result, best, bad = FitResult(), -1.0, 0
+        best_params = self._snapshot()
+        t0 = time.perf_counter()
+        for epoch in range(1, cfg.epochs + 1):
+            loss = self._train_epoch(train, epoch, rng)
+            result.epochs_run = epoch
+            if epoch % cfg.eval_every and epoch != cfg.epochs:
+                continue
+            log: EpochLog = {"epoch": float(epoch), "loss": float(loss), "seconds": time.perf_counter() - t0}
+            if valid is not None and valid.nnz:
+                log["valid_recall@10"] = self.validation_recall(train, valid)
+            result.history.append(log)
+            if callback is not None:
+                callback(log)
+            score = log.get("valid_recall@10", -float(loss))
+            if score > best:
+                best, bad, result.best_epoch = score, 0, epoch
+                best_params = self._snapshot()
+            else:
+                bad += 1
+                if bad > cfg.patience:
+                    break
+        self._restore(best_params)
+        result.best_valid_recall = best if valid is not None and valid.nnz else float("nan")
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def validation_recall(self, train: sp.csr_matrix, valid: sp.csr_matrix) -> float:
+        with torch.no_grad():
+            return evaluate(self.score, train, valid, ks=(10,), device=self.device)["recall@10"]
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.params.items()}
+
+    def _restore(self, params: dict[str, torch.Tensor]) -> None:
+        for k, v in params.items():
+            self.params[k].data.copy_(v) if self.params[k].requires_grad else self.params[k].copy_(v)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+            "config": asdict(self.config),
+            "params": {k: v.detach().cpu() for k, v in self.params.items()},
+        }
+
+    def save(self, path: Path) -> None:
+        """Write parameters and config to ``path`` (a torch file), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Recommender:
+        config = cls.config_cls.from_dict(state["config"])
+        model = cls(int(state["n_users"]), int(state["n_items"]), config)
+        model.params = {k: v.to(model.device) for k, v in state["params"].items()}
+        return model
+
+    def describe(self) -> str:
+        return json.dumps({"model": self.name, **asdict(self.config)}, sort_keys=True)
+
+
+def _check_matrix(m: sp.csr_matrix, shape: tuple[int, int], what: str) -> sp.csr_matrix:
+    if not sp.issparse(m):
+        raise ConfigError(f"{what} must be a scipy sparse matrix, got {type(m).__name__}")
+    if m.shape != shape:
+        raise ConfigError(f"{what} has shape {m.shape}, the model was built for {shape}")
+    m = sp.csr_matrix(m, dtype=np.float32)
+    m.sort_indices()
+    return m
+
+
+def sample_negatives(
+    train: sp.csr_matrix, users: np.ndarray, rng: np.random.Generator, max_rounds: int = 100
+) -> np.ndarray:
+    """One uniform negative item per entry of ``users`` (n,), never an item the user has in ``train``.
+
+    Only ``train`` is consulted: a shard model's negatives depend on nothing outside its shard.
+    """
+    n_items = train.shape[1]
+    keys = np.repeat(np.arange(train.shape[0], dtype=np.int64), np.diff(train.indptr)) * n_items + train.indices
+    # keys are sorted because CSR rows are in order and column indices are sorted
+    neg = rng.integers(0, n_items, size=len(users), dtype=np.int64)
+    if len(keys) == 0:
+        return neg
+    todo = np.arange(len(users))
+    for _ in range(max_rounds):
+        cand = users[todo] * n_items + neg[todo]
+        pos = np.searchsorted(keys, cand)
+        pos = np.minimum(pos, len(keys) - 1)
+        clash = keys[pos] == cand
+        todo = todo[clash]
+        if len(todo) == 0:
+            return neg
+        neg[todo] = rng.integers(0, n_items, size=len(todo), dtype=np.int64)
+    raise ValueError("could not sample negatives: some users have interacted with (almost) every item")
+
+
+def positive_pairs(train: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """(users, items) int64 arrays of the training interactions."""
+    users = np.repeat(np.arange(train.shape[0], dtype=np.int64), np.diff(train.indptr))
+    return users, train.indices.astype(np.int64)

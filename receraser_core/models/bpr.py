@@ -1,0 +1,84 @@
+"""BPR-MF: matrix factorisation trained with Bayesian Personalized Ranking.
+
+Rendle et al., "BPR: Bayesian Personalized Ranking from Implicit Feedback" (UAI 2009). For each observed
+(u, i) one negative j is drawn uniformly from the items u has not interacted with *in the training data
+the model is given* (a shard's model sees only its shard), and
+
+    L = - sum ln σ(r_ui - r_uj) + l2 * (|p_u|^2 + |q_i|^2 + |q_j|^2),    r_ui = p_u . q_i
+
+averaged over the mini-batch, minimised with Adam.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from receraser_core.models.base import BaseConfig, ConfigError, Recommender, positive_pairs, sample_negatives
+
+
+def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Mean of -ln σ(pos - neg) over a batch; pos, neg (b,)."""
+    return -F.logsigmoid(pos - neg).mean()
+
+
+@dataclass(frozen=True)
+class BPRConfig(BaseConfig):
+    epochs: int = 400
+    patience: int = 5
+    eval_every: int = 5
+    lr: float = 1e-3
+    l2: float = 1e-2
+    batch_size: int = 2048
+    init_std: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1:
+            raise ConfigError(f"need lr > 0, l2 >= 0, batch_size >= 1; got {self.lr}, {self.l2}, {self.batch_size}")
+
+
+class BPR(Recommender):
+    name = "bpr"
+    config_cls = BPRConfig
+    config: BPRConfig
+
+    def _init_params(self, train: sp.csr_matrix, generator: torch.Generator) -> None:
+        std = self.config.init_std
+        self.params = {
+            "user": (torch.randn(self.n_users, self.config.dim, generator=generator) * std).to(self.device),
+            "item": (torch.randn(self.n_items, self.config.dim, generator=generator) * std).to(self.device),
+        }
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self._opt = torch.optim.Adam(list(self.params.values()), lr=self.config.lr)
+        self._pairs = positive_pairs(train)
+
+    def _train_epoch(self, train: sp.csr_matrix, epoch: int, rng: np.random.Generator) -> float:
+        cfg = self.config
+        users, items = self._pairs
+        order = rng.permutation(len(users))
+        negs = sample_negatives(train, users[order], rng)
+        u_all = torch.from_numpy(users[order]).to(self.device)
+        i_all = torch.from_numpy(items[order]).to(self.device)
+        j_all = torch.from_numpy(negs).to(self.device)
+        total, n = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            u = self.params["user"][u_all[start : start + cfg.batch_size]]  # (b, d)
+            qi = self.params["item"][i_all[start : start + cfg.batch_size]]
+            qj = self.params["item"][j_all[start : start + cfg.batch_size]]
+            loss = bpr_loss((u * qi).sum(-1), (u * qj).sum(-1))
+            loss = loss + cfg.l2 * (u.square().sum() + qi.square().sum() + qj.square().sum()) / len(u)
+            self._opt.zero_grad()
+            loss.backward()
+            self._opt.step()
+            total += float(loss.detach()) * len(u)
+            n += len(u)
+        return total / max(n, 1)
+
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.params["user"].detach(), self.params["item"].detach()
