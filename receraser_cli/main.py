@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from receraser_core.data.interactions import DataError
+from receraser_core.models.base import ConfigError
 
 EPILOG = """\
 datasets: ml-1m (the RecEraser authors' split), ml-1m-full (all of ML-1M, seeded 80/20 + 10%% validation),
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(run)
     run.set_defaults(func=cmd_run)
 
+    from receraser_cli.bench import add_bench_parser
+
+    add_bench_parser(sub, _add_data_args)
     return parser
 
 
@@ -119,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except DataError as exc:
+        print(f"receraser: error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
         print(f"receraser: error: {exc}", file=sys.stderr)
         return 2
     except KeyError as exc:  # unknown original ids

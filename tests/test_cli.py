@@ -59,3 +59,57 @@ def test_run_main_job_on_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
     metrics = json.loads(out_json.read_text())
     assert 0.0 <= metrics["recall@20"] <= 1.0 and metrics["users"] == 10
     assert "Recall@N" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["wmf", "bpr", "lightgcn"])
+def test_bench_retrain_writes_the_record(model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.json"
+    argv = [
+        "bench",
+        "retrain",
+        "--dataset",
+        f"csv:{_table(tmp_path)}",
+        "--model",
+        model,
+        "--json",
+        str(out),
+        "--set",
+        "epochs=2",
+        "--set",
+        "dim=8",
+        "--set",
+        "eval_every=1",
+    ]
+    assert main(argv) == 0
+    rec = json.loads(out.read_text())
+    keys = {
+        "dataset",
+        "model",
+        "method",
+        "recall@10",
+        "recall@20",
+        "recall@50",
+        "ndcg@10",
+        "ndcg@20",
+        "ndcg@50",
+        "fit_seconds",
+        "epochs",
+        "peak_rss_mb",
+        "seed",
+        "config",
+    }
+    assert keys <= set(rec)
+    assert rec["method"] == "retrain" and rec["model"] == model and rec["epochs"] == 2
+    assert rec["config"]["dim"] == 8 and rec["peak_rss_mb"] > 0
+    progress = capsys.readouterr().out
+    assert "epoch    1" in progress and "valid Recall@10" in progress
+
+
+def test_bench_retrain_rejects_bad_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = f"csv:{_table(tmp_path)}"
+    assert main(["bench", "retrain", "--dataset", table, "--model", "bpr", "--set", "speed=3"]) == 2
+    assert "bad --set 'speed=3'" in capsys.readouterr().err
+    assert main(["bench", "retrain", "--dataset", table, "--model", "bpr", "--set", "lr=fast"]) == 2
+    assert "lr must be float" in capsys.readouterr().err
+    assert main(["bench", "retrain", "--dataset", table, "--model", "bpr", "--set", "lr=-1"]) == 2
+    assert "lr > 0" in capsys.readouterr().err
