@@ -47,6 +47,51 @@ def cmd_bench_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    from pipelines.compare import run_compare
+    from pipelines.config import PipelineConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    base = PipelineConfig.from_dict(
+        {
+            "dataset": args.dataset,
+            "model": args.model,
+            "seed": args.model_seed,
+            "split_seed": args.seed,
+            "n_shards": args.shards,
+        }
+    )
+    records: list[dict] = []
+
+    def save(rec: dict) -> None:
+        records.append(rec)
+        print(f"   -> {rec['method']}: Recall@20 {rec['recall@20']:.4f}  NDCG@20 {rec['ndcg@20']:.4f}", flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(records, indent=2, default=float) + "\n")
+
+    work = args.work or Path("state") / "bench" / f"{args.dataset}-{args.model}"
+    shards = tuple(int(k) for k in args.shard_counts.split(","))
+    run_compare(
+        base,
+        work,
+        methods,
+        args.ablations,
+        shards,
+        args.workers,
+        args.data_dir,
+        log=lambda m: print(m, flush=True),
+        on_record=save,
+    )
+    print(f"{'method':32} {'Recall@20':>9} {'NDCG@20':>8} {'fit s':>8} {'unlearn s':>9}")
+    for r in records:
+        unlearn = r.get("unlearning_seconds_estimate", r.get("fit_seconds"))
+        print(f"{r['method']:32} {r['recall@20']:9.4f} {r['ndcg@20']:8.4f} {r['fit_seconds']:8.1f} {unlearn:9.1f}")
+    return 0
+
+
 def add_bench_parser(sub: argparse._SubParsersAction, add_data_args: Callable[[argparse.ArgumentParser], None]) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -71,3 +116,25 @@ def add_bench_parser(sub: argparse._SubParsersAction, add_data_args: Callable[[a
     rt.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     add_data_args(rt)
     rt.set_defaults(func=cmd_bench_retrain)
+
+    cp = bench_sub.add_parser(
+        "compare",
+        help="Retrain, SISA, GraphEraser and RecEraser (and ablations) on one dataset and base model",
+        description="Runs Retrain, SISA (random + mean), GraphEraser (graph_eraser + static) and RecEraser "
+        "(inbp + attention) with K shards, writing one record per method (retrain format plus method, "
+        "partitioner, aggregator, shards, per-step seconds). --ablations adds partitioners (random, ubp, ibp, "
+        "inbp) with attention, aggregators (mean, static, attention) with inbp, and K in --shard-counts.",
+    )
+    cp.add_argument("--dataset", default="ml-1m")
+    cp.add_argument("--model", required=True, choices=list(MODELS))
+    cp.add_argument("--json", type=Path, default=None, help="write the records here (rewritten after each method)")
+    cp.add_argument("--methods", default="retrain,sisa,graph_eraser,receraser", help="comma-separated subset")
+    cp.add_argument("--shards", type=int, default=10, help="K for the methods (default 10)")
+    cp.add_argument("--ablations", action="store_true", help="also run the ablations")
+    cp.add_argument("--shard-counts", default="5,10,20,50", help="K values of the shards ablation")
+    cp.add_argument("--workers", type=int, default=1, help="train shards in this many processes (default 1)")
+    cp.add_argument("--work", type=Path, default=None, help="run directories (default state/bench/DATASET-MODEL)")
+    cp.add_argument("--model-seed", type=int, default=0, help="seed of partition, models and aggregator")
+    cp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_data_args(cp)
+    cp.set_defaults(func=cmd_bench_compare)

@@ -1,0 +1,77 @@
+"""One typed configuration for the whole RecEraser pipeline, with the paper's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from receraser_core.aggregate import AGGREGATORS, AggConfig
+from receraser_core.models import MODELS, ConfigError
+from receraser_core.partition import PARTITIONERS
+
+#: Aggregator training defaults per base model (chosen on ML-1M validation; see docs/results.md).
+AGG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "wmf": {"loss": "wmf", "lr": 0.02, "reg": 10.0, "epochs": 30, "patience": 3},
+    "bpr": {"loss": "bpr", "lr": 0.01, "reg": 1e-2, "epochs": 30, "patience": 3},
+    "lightgcn": {"loss": "lightgcn", "lr": 0.01, "reg": 1e-3, "epochs": 30, "patience": 3},
+}
+
+#: Shard submodel overrides per base model; a shard holds ~1/K of the data.
+SHARD_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything that determines a RecEraser model. Same config + data = same model (bit for bit on CPU)."""
+
+    dataset: str = "ml-1m"
+    model: str = "wmf"
+    partitioner: str = "inbp"
+    aggregator: str = "attention"
+    n_shards: int = 10
+    seed: int = 0
+    split_seed: int = 0
+    partition_iters: int = 20
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    agg_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.partitioner not in PARTITIONERS:
+            raise ConfigError(f"unknown partitioner {self.partitioner!r}; choose one of {', '.join(PARTITIONERS)}")
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATORS)}")
+        if self.n_shards < 1:
+            raise ConfigError(f"n_shards must be >= 1, got {self.n_shards}")
+
+    def agg_config(self) -> AggConfig:
+        values = {**AGG_DEFAULTS[self.model], "seed": self.seed, **self.agg_overrides}
+        if self.model == "wmf":
+            values.setdefault("c0", self.model_overrides.get("c0", 0.05 if self.dataset == "yelp2018" else 0.2))
+        if self.aggregator != "attention" and values.get("loss") == "lightgcn":
+            values["loss"] = "bpr"  # score-level aggregators use each shard's own propagated embeddings
+        known = {f.name for f in dataclasses.fields(AggConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown aggregator field(s): {', '.join(unknown)}")
+        return AggConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PipelineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown pipeline field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg

@@ -1,0 +1,300 @@
+"""The RecEraser workflow as plain-Python steps over a run directory.
+
+Each step reads what earlier steps wrote and writes its own files, so any step can run alone (this is what
+the Dagster assets wrap):
+
+    prepare      -> interactions.npz            dataset, id-mapped, split
+    pretrain     -> wmf_embeddings.npz          WMF user / item vectors used only to partition
+    partition    -> shard_assignment.npz        shard id per training interaction + diagnostics.json
+    train_shard  -> shards/<k>/model.pt         submodel k, trained on shard k's data only
+    aggregate    -> aggregator.pt               aggregation over the frozen submodels
+    evaluate     -> evaluation.json             Recall@N / NDCG@N on test (and validation)
+
+Writes are atomic (temporary file, then rename), so an interrupted step never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from pipelines.config import PipelineConfig
+from pipelines.retrain import model_config
+from receraser_core.aggregate import AGGREGATORS, Aggregator, ShardStack
+from receraser_core.data.interactions import DataError, Interactions, csr_fingerprint
+from receraser_core.data.readers import load_dataset
+from receraser_core.metrics import DEFAULT_KS, evaluate
+from receraser_core.models import Recommender, build_model, load_model
+from receraser_core.models.lightgcn import LightGCN
+from receraser_core.partition import PARTITIONERS, Partition
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+# -- storage helpers ---------------------------------------------------------------------------------
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    def write(p: Path) -> None:
+        p.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+
+    _atomic(path, write)
+
+
+def read_json(path: Path) -> Any:
+    if not path.exists():
+        raise DataError(f"{path}: missing; run the step that produces it first")
+    return json.loads(path.read_text())
+
+
+def save_interactions(path: Path, inter: Interactions) -> None:
+    arrays: dict[str, Any] = {"user_ids": inter.user_ids.astype(str), "item_ids": inter.item_ids.astype(str)}
+    for part in ("train", "valid", "test"):
+        m = getattr(inter, part)
+        arrays[f"{part}_indptr"], arrays[f"{part}_indices"] = m.indptr, m.indices
+    meta = json.dumps({"name": inter.name, "shape": list(inter.train.shape), "meta": inter.meta}, default=str)
+
+    def write(p: Path) -> None:
+        with open(p, "wb") as fh:
+            np.savez(fh, meta=np.array(meta), **arrays)
+
+    _atomic(path, write)
+
+
+def load_interactions(path: Path) -> Interactions:
+    if not path.exists():
+        raise DataError(f"{path}: missing; run `prepare` first")
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        shape = tuple(meta["shape"])
+        mats = {}
+        for part in ("train", "valid", "test"):
+            indices = z[f"{part}_indices"]
+            mats[part] = sp.csr_matrix((np.ones(len(indices), np.float32), indices, z[f"{part}_indptr"]), shape=shape)
+        return Interactions(
+            meta["name"], mats["train"], mats["valid"], mats["test"], z["user_ids"], z["item_ids"], meta["meta"]
+        )
+
+
+class RunDir:
+    """Paths of one pipeline run's files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    interactions = property(lambda self: self.root / "interactions.npz")
+    embeddings = property(lambda self: self.root / "wmf_embeddings.npz")
+    assignment = property(lambda self: self.root / "shard_assignment.npz")
+    diagnostics = property(lambda self: self.root / "partition_diagnostics.json")
+    aggregator = property(lambda self: self.root / "aggregator.pt")
+    evaluation = property(lambda self: self.root / "evaluation.json")
+    config = property(lambda self: self.root / "config.json")
+
+    def shard_model(self, k: int) -> Path:
+        return self.root / "shards" / str(k) / "model.pt"
+
+    def shard_fit(self, k: int) -> Path:
+        return self.root / "shards" / str(k) / "fit.json"
+
+
+# -- steps --------------------------------------------------------------------------------------------
+def prepare(run: RunDir, cfg: PipelineConfig, data_dir: Path | None = None, log: Log = _quiet) -> Interactions:
+    """Load the dataset, split it, store it as ``interactions.npz``."""
+    inter = load_dataset(cfg.dataset, data_dir, cfg.split_seed)
+    save_interactions(run.interactions, inter)
+    write_json(run.config, cfg.to_dict())
+    log(f"prepared {inter.name}: {inter.train.nnz:,} train / {inter.valid.nnz:,} valid / {inter.test.nnz:,} test")
+    return inter
+
+
+def pretrain(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> tuple[np.ndarray, np.ndarray]:
+    """WMF on all training data; its embeddings only steer the partition."""
+    inter = load_interactions(run.interactions)
+    model = build_model("wmf", inter.n_users, inter.n_items, **model_config("wmf", inter.name, {"seed": cfg.seed}))
+    fit = model.fit(inter.train, inter.valid)
+    u, i = (t.numpy() for t in model.embeddings())
+    _atomic(run.embeddings, lambda p: _save_npz(p, user=u, item=i))
+    log(f"pretrained WMF in {fit.seconds:.1f} s (valid Recall@10 {fit.best_valid_recall:.4f})")
+    return u, i
+
+
+def _save_npz(path: Path, **arrays: Any) -> None:
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def partition(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> Partition:
+    """Shard id for every training interaction, with diagnostics."""
+    inter = load_interactions(run.interactions)
+    kwargs: dict[str, Any] = {"max_iter": cfg.partition_iters}
+    if cfg.partitioner != "random":
+        with np.load(run.embeddings) as z:
+            kwargs.update(user_emb=z["user"], item_emb=z["item"])
+    t0 = time.perf_counter()
+    part = PARTITIONERS[cfg.partitioner](inter.train, cfg.n_shards, cfg.seed, **kwargs)
+    diag = {**part.diagnostics, "seconds": time.perf_counter() - t0}
+    _atomic(run.assignment, lambda p: _save_npz(p, assignment=part.assignment))
+    write_json(run.diagnostics, diag)
+    log(
+        f"partitioned with {cfg.partitioner} into {cfg.n_shards} shards in {diag['seconds']:.1f} s: "
+        f"sizes {diag['sizes']}"
+    )
+    return Partition(part.method, part.n_shards, part.assignment, diag)
+
+
+def load_partition(run: RunDir) -> Partition:
+    if not run.assignment.exists():
+        raise DataError(f"{run.assignment}: missing; run `partition` first")
+    with np.load(run.assignment) as z:
+        assignment = z["assignment"]
+    diag = read_json(run.diagnostics)
+    return Partition(diag["method"], diag["n_shards"], assignment, diag)
+
+
+def shard_train_matrix(run: RunDir, k: int) -> sp.csr_matrix:
+    """Shard k's training interactions (full id space). Only these reach the shard's model."""
+    inter = load_interactions(run.interactions)
+    return load_partition(run).shard_matrix(inter.train, k)
+
+
+def train_shard(
+    run: RunDir, cfg: PipelineConfig, k: int, log: Log = _quiet, shard: sp.csr_matrix | None = None
+) -> Recommender:
+    """Train submodel k on shard k's data only (plus the fixed validation set for early stopping)."""
+    inter = load_interactions(run.interactions)
+    data = shard if shard is not None else load_partition(run).shard_matrix(inter.train, k)
+    overrides = {**cfg.model_overrides, "seed": cfg.seed + k}
+    model = build_model(cfg.model, inter.n_users, inter.n_items, **model_config(cfg.model, inter.name, overrides))
+    fit = model.fit(data, inter.valid)
+    model.save(run.shard_model(k))
+    write_json(
+        run.shard_fit(k),
+        {
+            "shard": k,
+            "interactions": int(data.nnz),
+            "data_version": csr_fingerprint(data),
+            "best_epoch": fit.best_epoch,
+            "epochs": fit.epochs_run,
+            "best_valid_recall@10": fit.best_valid_recall,
+            "seconds": fit.seconds,
+            "history": fit.history,
+        },
+    )
+    log(f"shard {k}: {data.nnz:,} interactions, {fit.epochs_run} epochs, {fit.seconds:.1f} s")
+    return model
+
+
+def _train_shard_worker(args: tuple[str, dict[str, Any], int]) -> tuple[int, float]:
+    root, cfg_dict, k = args
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    train_shard(RunDir(Path(root)), PipelineConfig.from_dict(cfg_dict), k)
+    return k, time.perf_counter() - t0
+
+
+def train_shards(
+    run: RunDir, cfg: PipelineConfig, shards: Sequence[int] | None = None, workers: int = 1, log: Log = _quiet
+) -> dict[int, float]:
+    """Train several shards, in parallel processes when ``workers`` > 1. Returns seconds per shard."""
+    todo = list(range(cfg.n_shards) if shards is None else shards)
+    if workers <= 1:
+        out = {}
+        for k in todo:
+            t0 = time.perf_counter()
+            train_shard(run, cfg, k, log)
+            out[k] = time.perf_counter() - t0
+        return out
+    jobs = [(str(run.root), cfg.to_dict(), k) for k in todo]
+    out = {}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for k, secs in pool.map(_train_shard_worker, jobs):
+            out[k] = secs
+            log(f"shard {k} trained in {secs:.1f} s")
+    return out
+
+
+def shard_stack(run: RunDir, cfg: PipelineConfig, inter: Interactions, part: Partition) -> ShardStack:
+    """The frozen per-shard embeddings the aggregator combines (layer-0 for LightGCN + attention)."""
+    embs, mats = [], []
+    for k in range(cfg.n_shards):
+        model = load_model(run.shard_model(k))
+        if isinstance(model, LightGCN) and cfg.aggregator == "attention":
+            embs.append(model.layer0())
+        else:
+            embs.append(model.embeddings())
+        mats.append(part.shard_matrix(inter.train, k))
+    return ShardStack.build(embs, mats)
+
+
+def aggregate(
+    run: RunDir, cfg: PipelineConfig, log: Log = _quiet, callback: Callable[[dict[str, float]], None] | None = None
+) -> Aggregator:
+    """Train the aggregator on all remaining training data (submodels frozen), from its seeded init."""
+    inter = load_interactions(run.interactions)
+    stack = shard_stack(run, cfg, inter, load_partition(run))
+    agg = AGGREGATORS[cfg.aggregator](stack, cfg.agg_config())
+    fit = agg.fit(inter.train, inter.valid, callback=callback)
+    state = {
+        "aggregator": cfg.aggregator,
+        "config": cfg.to_dict(),
+        "state": agg.state_dict(),
+        "fit": {
+            "best_epoch": fit.best_epoch,
+            "best_valid_recall@10": fit.best_valid_recall,
+            "seconds": fit.seconds,
+            "history": fit.history,
+        },
+    }
+    _atomic(run.aggregator, lambda p: torch.save(state, p))
+    log(f"aggregator {cfg.aggregator}: {len(fit.history)} epochs, {fit.seconds:.1f} s")
+    return agg
+
+
+def load_aggregator(run: RunDir, cfg: PipelineConfig) -> Aggregator:
+    inter = load_interactions(run.interactions)
+    stack = shard_stack(run, cfg, inter, load_partition(run))
+    state = torch.load(run.aggregator, map_location="cpu", weights_only=False)
+    agg = AGGREGATORS[cfg.aggregator](stack, cfg.agg_config())
+    agg.load_state_dict(state["state"])
+    if agg.config.loss == "lightgcn":
+        agg.set_graph(inter.train)
+    return agg
+
+
+def evaluate_run(
+    run: RunDir, cfg: PipelineConfig, log: Log = _quiet, agg: Aggregator | None = None
+) -> dict[str, float]:
+    """Test (and validation) metrics of the aggregated model, training items masked."""
+    inter = load_interactions(run.interactions)
+    agg = agg if agg is not None else load_aggregator(run, cfg)
+    t0 = time.perf_counter()
+    test = evaluate(agg.score, inter.train, inter.test, ks=DEFAULT_KS, batch_size=256)
+    valid = evaluate(agg.score, inter.train, inter.valid, ks=(10, 20), batch_size=256)
+    out = {
+        **{k: v for k, v in test.items() if k != "users"},
+        "test_users": test["users"],
+        "valid_recall@10": valid["recall@10"],
+        "valid_recall@20": valid["recall@20"],
+        "seconds": time.perf_counter() - t0,
+    }
+    write_json(run.evaluation, out)
+    log(f"evaluation: Recall@20 {out['recall@20']:.4f}  NDCG@20 {out['ndcg@20']:.4f}")
+    return out

@@ -1,0 +1,213 @@
+"""Shared pieces of the aggregators: the stack of frozen shard embeddings and the training loop.
+
+Masking rule (all aggregators): a user or item that has no interaction in shard k gets a **zero** vector
+from shard k, and the attention aggregator additionally gives shard k no weight for it (masked softmax).
+Such a vector is only the submodel's random initialisation (BPR, LightGCN) or a ridge solution of nothing
+(WMF: zero already); treating it as knowledge would add noise to every score of that user or item.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from receraser_core.metrics import evaluate
+from receraser_core.models.base import positive_pairs, sample_negatives
+from receraser_core.models.bpr import bpr_loss
+from receraser_core.models.lightgcn import normalized_adjacency, propagate, to_torch_csr
+from receraser_core.models.wmf import wmf_loss
+
+
+@dataclass(frozen=True)
+class ShardStack:
+    """Frozen per-shard embeddings: users (K, n_users, d), items (K, n_items, d), presence masks (K, n)."""
+
+    users: torch.Tensor
+    items: torch.Tensor
+    user_mask: torch.Tensor
+    item_mask: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, embeddings: list[tuple[torch.Tensor, torch.Tensor]], shard_matrices: list[sp.csr_matrix]
+    ) -> ShardStack:
+        """From each shard's (user, item) embeddings and its training matrix (for presence)."""
+        um = torch.stack([torch.from_numpy(np.diff(m.indptr) > 0) for m in shard_matrices])
+        im = torch.stack([torch.from_numpy(np.bincount(m.indices, minlength=m.shape[1]) > 0) for m in shard_matrices])
+        users = torch.stack([u.detach().float().cpu() for u, _ in embeddings]) * um.unsqueeze(-1)
+        items = torch.stack([i.detach().float().cpu() for _, i in embeddings]) * im.unsqueeze(-1)
+        return cls(users, items, um, im)
+
+    @property
+    def n_shards(self) -> int:
+        return int(self.users.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.users.shape[-1])
+
+
+@dataclass(frozen=True)
+class AggConfig:
+    """Training settings of a learned aggregator (static, attention)."""
+
+    loss: str = "bpr"  # the base model's own loss: "bpr", "wmf" or "lightgcn" (BPR after propagation)
+    epochs: int = 20
+    patience: int = 2
+    lr: float = 5e-3
+    batch_size: int = 4096
+    weight_decay: float = 0.0
+    reg: float = 0.0  # L2 on the aggregated embeddings of the batch, as in the base model's loss
+    attention_dim: int = 32
+    c0: float = 0.2  # wmf loss only
+    layers: int = 3  # lightgcn only
+    seed: int = 0
+
+
+@dataclass
+class AggFitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_valid_recall: float = float("nan")
+    seconds: float = 0.0
+
+
+class Aggregator(torch.nn.Module):
+    """Combines frozen shard embeddings into one model. Subclasses define the two embedding maps."""
+
+    name = "aggregator"
+    trainable = True
+
+    def __init__(self, stack: ShardStack, config: AggConfig) -> None:
+        super().__init__()
+        self.stack, self.config = stack, config
+        self._adj: torch.Tensor | None = None
+
+    def user_embed(self, idx: torch.Tensor) -> torch.Tensor:  # (b,) -> (b, D)
+        raise NotImplementedError
+
+    def item_embed(self, idx: torch.Tensor) -> torch.Tensor:  # (b,) -> (b, D)
+        raise NotImplementedError
+
+    def set_graph(self, train: sp.csr_matrix) -> None:
+        """For the LightGCN loss: propagate aggregated layer-0 embeddings over this (full remaining) graph."""
+        self._adj = to_torch_csr(normalized_adjacency(train), torch.device("cpu"))
+
+    def full_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users (n_users, D), items (n_items, D)); propagated over the full graph for the LightGCN loss."""
+        n_u, n_i = self.stack.users.shape[1], self.stack.items.shape[1]
+        u = self.user_embed(torch.arange(n_u))
+        i = self.item_embed(torch.arange(n_i))
+        if self.config.loss == "lightgcn":
+            if self._adj is None:
+                raise RuntimeError("call set_graph(train) before using a LightGCN aggregator")
+            e = propagate(self._adj, torch.cat([u, i]), self.config.layers)
+            return e[:n_u], e[n_u:]
+        return u, i
+
+    def score(self, users: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            u, i = self.full_embeddings()
+            return u[users] @ i.t()
+
+    def frozen_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            u, i = self.full_embeddings()
+        return u.detach(), i.detach()
+
+    # -- training -----------------------------------------------------------------------------------
+    def _epoch(self, train: sp.csr_matrix, opt: torch.optim.Optimizer, rng: np.random.Generator) -> float:
+        cfg = self.config
+        if cfg.loss == "wmf":
+            return self._wmf_epoch(train, opt, rng)
+        users, items = positive_pairs(train)
+        order = rng.permutation(len(users))
+        negs = torch.from_numpy(sample_negatives(train, users[order], rng))
+        u_all, i_all = torch.from_numpy(users[order]), torch.from_numpy(items[order])
+        total = 0.0
+        for start in range(0, len(order), cfg.batch_size):
+            u, i, j = (t[start : start + cfg.batch_size] for t in (u_all, i_all, negs))
+            if cfg.loss == "lightgcn":
+                eu_all, ei_all = self.full_embeddings()
+                eu, ei, ej = eu_all[u], ei_all[i], ei_all[j]
+            else:
+                eu, ei, ej = self.user_embed(u), self.item_embed(i), self.item_embed(j)
+            loss = bpr_loss((eu * ei).sum(-1), (eu * ej).sum(-1))
+            if cfg.reg:
+                loss = loss + cfg.reg * (eu.square().sum() + ei.square().sum() + ej.square().sum()) / len(u)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(u)
+        return total / max(len(order), 1)
+
+    def _wmf_epoch(self, train: sp.csr_matrix, opt: torch.optim.Optimizer, rng: np.random.Generator) -> float:
+        n_users, n_items = train.shape
+        order = rng.permutation(n_users)
+        total = 0.0
+        step = max(self.config.batch_size // 16, 64)  # users per batch
+        for start in range(0, n_users, step):
+            batch = np.sort(order[start : start + step])
+            sub = train[batch]
+            rows = torch.from_numpy(np.repeat(np.arange(len(batch)), np.diff(sub.indptr)))
+            eu, ei = self.user_embed(torch.from_numpy(batch)), self.item_embed(torch.arange(n_items))
+            loss = wmf_loss(eu, ei, rows, torch.from_numpy(sub.indices.astype(np.int64)), self.config.c0)
+            if self.config.reg:  # the WMF objective's L2, items counted in proportion to the batch
+                loss = loss + self.config.reg * (eu.square().sum() + ei.square().sum() * len(batch) / n_users)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        return total / max(train.nnz, 1)
+
+    def fit(
+        self,
+        train: sp.csr_matrix,
+        valid: sp.csr_matrix | None,
+        callback: Callable[[dict[str, float]], None] | None = None,
+    ) -> AggFitResult:
+        """Train the aggregator's own parameters (shard embeddings stay frozen), early-stopping on
+        validation Recall@10. Reads only ``train`` (all remaining training data) and ``valid``."""
+        result = AggFitResult()
+        t0 = time.perf_counter()
+        if self.config.loss == "lightgcn":
+            self.set_graph(train)
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not self.trainable or not params:
+            result.seconds = time.perf_counter() - t0
+            return result
+        torch.manual_seed(self.config.seed)
+        rng = np.random.default_rng(self.config.seed)
+        opt = torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        best, bad = -1.0, 0
+        best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        for epoch in range(1, self.config.epochs + 1):
+            loss = self._epoch(train, opt, rng)
+            log = {"epoch": float(epoch), "loss": loss, "seconds": time.perf_counter() - t0}
+            score = -loss
+            if valid is not None and valid.nnz:
+                log["valid_recall@10"] = evaluate(self.score, train, valid, ks=(10,))["recall@10"]
+                score = log["valid_recall@10"]
+            result.history.append(log)
+            if callback:
+                callback(log)
+            if score > best:
+                best, bad, result.best_epoch = score, 0, epoch
+                best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            else:
+                bad += 1
+                if bad > self.config.patience:
+                    break
+        self.load_state_dict(best_state)
+        result.best_valid_recall = best
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def export(self) -> dict[str, Any]:
+        return {"name": self.name, "config": self.config.__dict__, "state": self.state_dict()}

@@ -1,0 +1,143 @@
+"""What every partitioner returns, and the balanced k-means core shared by UBP / IBP / InBP / GraphEraser."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+
+class PartitionError(ValueError):
+    """A partitioner cannot satisfy its constraints (e.g. fewer points than shards)."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Shard id of every training interaction, in the row-major (CSR) order of the training matrix.
+
+    ``assignment`` (nnz,) int64 in ``0..n_shards-1``; ``diagnostics`` holds sizes, users / items per shard,
+    iterations, anchor shift per iteration and seconds.
+    """
+
+    method: str
+    n_shards: int
+    assignment: np.ndarray
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def shard_matrix(self, train: sp.csr_matrix, shard: int) -> sp.csr_matrix:
+        """The training interactions of one shard, as a matrix of the full (n_users, n_items) shape."""
+        if train.nnz != len(self.assignment):
+            raise PartitionError(f"partition covers {len(self.assignment)} interactions, train has {train.nnz}")
+        keep = (self.assignment == shard).astype(np.float32)
+        m = sp.csr_matrix((keep, train.indices.copy(), train.indptr.copy()), shape=train.shape)
+        m.eliminate_zeros()
+        return m
+
+
+def describe(method: str, assignment: np.ndarray, train: sp.csr_matrix, n_shards: int, **extra: Any) -> dict[str, Any]:
+    """Sizes and coverage of a partition of ``train``'s interactions."""
+    users = np.repeat(np.arange(train.shape[0]), np.diff(train.indptr))
+    sizes = np.bincount(assignment, minlength=n_shards)
+    per_users = [int(len(np.unique(users[assignment == k]))) for k in range(n_shards)]
+    per_items = [int(len(np.unique(train.indices[assignment == k]))) for k in range(n_shards)]
+    return {
+        "method": method,
+        "n_shards": n_shards,
+        "sizes": sizes.tolist(),
+        "users_per_shard": per_users,
+        "items_per_shard": per_items,
+        "balance": float(sizes.max() / max(sizes.mean(), 1e-12)),  # max / mean shard size
+        **extra,
+    }
+
+
+def greedy_balanced_assign(dist: np.ndarray, capacity: int) -> np.ndarray:
+    """Nearest-first greedy assignment under a per-shard capacity, computed exactly and vectorised.
+
+    Equivalent to: sort all (point, anchor) pairs by distance (ties by point index), walk the list and put a
+    point into the pair's shard if the point is still unassigned and the shard holds fewer than ``capacity``.
+    Instead of walking n*K pairs, it proceeds in at most K phases: every unassigned point proposes to its
+    nearest open shard; the first shard to fill up (in the global order) closes; proposals ordered before
+    that moment are accepted; repeat. dist (n, K) -> shard ids (n,).
+    """
+    n, k = dist.shape
+    if capacity * k < n:
+        raise PartitionError(f"capacity {capacity} x {k} shards cannot hold {n} points")
+    assigned = np.full(n, -1, dtype=np.int64)
+    counts = np.zeros(k, dtype=np.int64)
+    open_ = np.ones(k, dtype=bool)
+    todo = np.arange(n)
+    while len(todo):
+        d = np.where(open_[None, :], dist[todo], np.inf)  # (m, K)
+        choice = np.argmin(d, axis=1)
+        dc = d[np.arange(len(todo)), choice]
+        order = np.lexsort((todo, dc, choice))  # by shard, then distance, then point index
+        sc, first = np.unique(choice[order], return_index=True)
+        n_prop = np.diff(np.r_[first, len(order)])
+        room = capacity - counts[sc]
+        fills = n_prop >= room  # shards that some proposal would fill
+        if not fills.any():
+            assigned[todo] = choice
+            break
+        # the moment each filling shard fills: its room-th proposal in (distance, point) order
+        at = order[first[fills] + room[fills] - 1]
+        stop = np.lexsort((todo[at], dc[at]))[0]
+        tau_d, tau_p, closing = dc[at][stop], todo[at][stop], sc[fills][stop]
+        accept = (dc < tau_d) | ((dc == tau_d) & (todo <= tau_p))
+        assigned[todo[accept]] = choice[accept]
+        counts += np.bincount(choice[accept], minlength=k)
+        open_[closing] = False
+        open_ &= counts < capacity
+        todo = todo[~accept]
+    return assigned
+
+
+AnchorUpdate = Callable[[np.ndarray], np.ndarray]
+
+
+def balanced_kmeans(
+    distances: Callable[[np.ndarray], np.ndarray],
+    init_anchors: np.ndarray,
+    update: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    n_points: int,
+    n_shards: int,
+    capacity: int,
+    max_iter: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Generic balanced k-means loop (RecEraser Algorithm 1-3).
+
+    ``distances(anchors)`` -> (n_points, K); ``update(assignment, anchors)`` -> new anchors (vector means of
+    the members; an empty shard keeps its anchor). Stops when the assignment no longer changes or after
+    ``max_iter`` iterations. Empty shards are re-seeded at a random member of the largest shard.
+    """
+    t0 = time.perf_counter()
+    anchors = init_anchors
+    assignment = np.full(n_points, -1, dtype=np.int64)
+    shifts: list[float] = []
+    iterations = 0
+    for _ in range(max_iter):
+        iterations += 1
+        new = greedy_balanced_assign(distances(anchors), capacity)
+        sizes = np.bincount(new, minlength=n_shards)
+        converged = np.array_equal(new, assignment)
+        assignment = new
+        new_anchors = update(assignment, anchors)
+        for empty in np.flatnonzero(sizes == 0):  # re-seed: never leave a shard without members
+            donor = rng.choice(np.flatnonzero(assignment == np.argmax(sizes)))
+            new_anchors[empty] = update(np.where(np.arange(n_points) == donor, empty, -1), new_anchors)[empty]
+        shifts.append(float(np.sqrt(((new_anchors - anchors) ** 2).sum(axis=tuple(range(1, anchors.ndim)))).mean()))
+        anchors = new_anchors
+        if converged and (sizes > 0).all():
+            break
+    sizes = np.bincount(assignment, minlength=n_shards)
+    for empty in np.flatnonzero(sizes == 0):  # last resort: move the point nearest to the empty anchor
+        largest = int(np.argmax(np.bincount(assignment, minlength=n_shards)))
+        members = np.flatnonzero(assignment == largest)
+        assignment[members[np.argmin(distances(anchors)[members, empty])]] = empty
+    info = {"iterations": iterations, "anchor_shift": shifts, "capacity": capacity, "seconds": time.perf_counter() - t0}
+    return assignment, info
