@@ -108,6 +108,9 @@ class RunDir:
     evaluation = property(lambda self: self.root / "evaluation.json")
     config = property(lambda self: self.root / "config.json")
 
+    def shard_data(self, k: int) -> Path:
+        return self.root / "shards" / str(k) / "data.npz"
+
     def shard_model(self, k: int) -> Path:
         return self.root / "shards" / str(k) / "model.pt"
 
@@ -175,12 +178,36 @@ def shard_train_matrix(run: RunDir, k: int) -> sp.csr_matrix:
     return load_partition(run).shard_matrix(inter.train, k)
 
 
+def write_shard_data(run: RunDir, k: int) -> sp.csr_matrix:
+    """Store shard k's current training interactions as ``shards/<k>/data.npz``; returns the matrix."""
+    m = shard_train_matrix(run, k)
+    _atomic(run.shard_data(k), lambda p: _save_npz(p, indptr=m.indptr, indices=m.indices, shape=np.array(m.shape)))
+    return m
+
+
+def load_shard_data(run: RunDir, k: int) -> sp.csr_matrix:
+    path = run.shard_data(k)
+    if not path.exists():
+        raise DataError(f"{path}: missing; materialize shard_data[{k}] first")
+    with np.load(path) as z:
+        indices = z["indices"]
+        return sp.csr_matrix((np.ones(len(indices), np.float32), indices, z["indptr"]), shape=tuple(z["shape"]))
+
+
 def train_shard(
     run: RunDir, cfg: PipelineConfig, k: int, log: Log = _quiet, shard: sp.csr_matrix | None = None
 ) -> Recommender:
-    """Train submodel k on shard k's data only (plus the fixed validation set for early stopping)."""
+    """Train submodel k on shard k's data only (plus the fixed validation set for early stopping).
+
+    The data is ``shard`` if given, else the stored ``shards/<k>/data.npz``, else computed from the
+    interactions and the shard assignment."""
     inter = load_interactions(run.interactions)
-    data = shard if shard is not None else load_partition(run).shard_matrix(inter.train, k)
+    if shard is not None:
+        data = shard
+    elif run.shard_data(k).exists():
+        data = load_shard_data(run, k)
+    else:
+        data = load_partition(run).shard_matrix(inter.train, k)
     overrides = {**cfg.model_overrides, "seed": cfg.seed + k}
     model = build_model(cfg.model, inter.n_users, inter.n_items, **model_config(cfg.model, inter.name, overrides))
     fit = model.fit(data, inter.valid)

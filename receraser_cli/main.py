@@ -58,13 +58,6 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.run import run_main_job
-
-    run_main_job(args)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="receraser",
@@ -99,17 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--data-dir", type=Path, default=None, help="where to write (default: the data directory)")
     fetch.set_defaults(func=cmd_data_fetch)
 
-    from pipelines.run import add_run_arguments
+    from receraser_cli.dagster_jobs import add_dagster_parsers
 
-    run = sub.add_parser(
-        "run",
-        help="the main job: train and evaluate on a dataset end to end",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_run_arguments(run)
-    _add_data_args(run)
-    run.set_defaults(func=cmd_run)
+    add_dagster_parsers(sub)
 
     from receraser_cli.bench import add_bench_parser
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import scipy.sparse as sp
+import os
+import tempfile
 
-from receraser_core.data.interactions import Interactions, pairs_to_csr
-from receraser_core.data.readers import PROJECT_ROOT
+# The Dagster code location reads its pipeline settings once, at import: tests use 3 shards and a
+# throw-away state directory so nothing touches the project's own ./state.
+os.environ.setdefault("RECERASER_N_SHARDS", "3")
+os.environ.setdefault("RECERASER_HOME", tempfile.mkdtemp(prefix="receraser-test-state-"))
+os.environ.setdefault("DAGSTER_HOME", os.path.join(os.environ["RECERASER_HOME"], "dagster"))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+
+from receraser_core.data.interactions import Interactions, pairs_to_csr  # noqa: E402
+from receraser_core.data.readers import PROJECT_ROOT  # noqa: E402
 
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(

@@ -53,14 +53,6 @@ def test_malformed_input_is_one_line_error(tmp_path: Path, content: str, needle:
     assert "Traceback" not in proc.stderr
 
 
-def test_run_main_job_on_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out_json = tmp_path / "m.json"
-    assert main(["run", "--dataset", f"csv:{_table(tmp_path)}", "--model", "popularity", "--json", str(out_json)]) == 0
-    metrics = json.loads(out_json.read_text())
-    assert 0.0 <= metrics["recall@20"] <= 1.0 and metrics["users"] == 10
-    assert "Recall@N" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("model", ["wmf", "bpr", "lightgcn"])
 def test_bench_retrain_writes_the_record(model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.json"

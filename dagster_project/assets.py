@@ -1,0 +1,249 @@
+"""The asset graph of DESIGN.md section 2. Each asset is one call into `pipelines.steps`; the steps own
+their files in the run directory, so assets return only metadata and an explicit content `DataVersion`."""
+
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    DagsterError,
+    DataVersion,
+    MaterializeResult,
+    ResourceParam,
+    asset,
+)
+
+from dagster_project.partitions import PIPELINE, shard_partitions
+from dagster_project.resources import ReceraserResource
+from pipelines import steps
+from pipelines.retrain import model_config, retrain
+from pipelines.tracking import Tracker
+from receraser_core.data.interactions import csr_fingerprint
+
+GROUP = "receraser"
+
+
+def _hash_arrays(*arrays: Any) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:24]
+
+
+def _params_version(state: dict[str, torch.Tensor]) -> str:
+    return _hash_arrays(*(state[k].detach().cpu().numpy() for k in sorted(state)))
+
+
+def _run_tags(context: AssetExecutionContext) -> dict[str, str]:
+    """The Dagster run's tags; empty when the asset is invoked directly (tests)."""
+    try:
+        return dict(context.run.tags)
+    except DagsterError:
+        return {}
+
+
+def _tags(context: AssetExecutionContext, rec: ReceraserResource) -> dict[str, str]:
+    tags = {
+        "dagster_run_id": context.run_id,
+        "asset_key": context.asset_key.to_user_string(),
+        "partition": context.partition_key if context.has_partition_key else "",
+        "config": rec.pipeline_config().fingerprint(),
+        "method": f"{rec.partitioner}+{rec.aggregator}",
+    }
+    applied = _run_tags(context).get("receraser/deletions")
+    if applied:
+        tags["deletion_requests"] = applied
+    return tags
+
+
+def _params(rec: ReceraserResource, **extra: Any) -> dict[str, Any]:
+    cfg = rec.pipeline_config()
+    return {
+        "dataset": cfg.dataset,
+        "base_model": cfg.model,
+        "partitioner": cfg.partitioner,
+        "aggregator": cfg.aggregator,
+        "K": cfg.n_shards,
+        "seed": cfg.seed,
+        **extra,
+    }
+
+
+@asset(group_name=GROUP, code_version=f"interactions-{PIPELINE.dataset}-{PIPELINE.split_seed}")
+def interactions(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
+    """The dataset, id-mapped and split into train / valid / test (minus applied deletions)."""
+    run = receraser.run_dir()
+    if run.interactions.exists() and _run_tags(context).get("receraser/keep_interactions") == "1":
+        inter = steps.load_interactions(run.interactions)  # redacted by the forget flow: keep it
+    else:
+        inter = steps.prepare(run, receraser.pipeline_config(), receraser.data_path(), context.log.info)
+    version = _hash_arrays(
+        *(getattr(inter, p).indptr for p in ("train", "valid", "test")),
+        *(getattr(inter, p).indices for p in ("train", "valid", "test")),
+    )
+    return MaterializeResult(
+        metadata={**inter.counts(), "path": str(run.interactions)}, data_version=DataVersion(version)
+    )
+
+
+@asset(group_name=GROUP, deps=[interactions], code_version=f"wmf-{PIPELINE.seed}")
+def wmf_embeddings(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
+    """Pretrained WMF user and item vectors, used only to partition."""
+    run = receraser.run_dir()
+    u, i = steps.pretrain(run, receraser.pipeline_config(), context.log.info)
+    return MaterializeResult(
+        metadata={"users": u.shape[0], "items": i.shape[0], "dim": u.shape[1]},
+        data_version=DataVersion(_hash_arrays(u, i)),
+    )
+
+
+@asset(
+    group_name=GROUP,
+    deps=[wmf_embeddings],
+    code_version=f"partition-{PIPELINE.partitioner}-{PIPELINE.n_shards}-{PIPELINE.seed}",
+)
+def shard_assignment(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
+    """Shard id of every training interaction, with partition diagnostics."""
+    run = receraser.run_dir()
+    if run.assignment.exists() and _run_tags(context).get("receraser/keep_interactions") == "1":
+        part = steps.load_partition(run)  # a redaction, never a recomputed partition
+    else:
+        part = steps.partition(run, receraser.pipeline_config(), context.log.info)
+    d = part.diagnostics
+    return MaterializeResult(
+        metadata={
+            "sizes": str(d["sizes"]),
+            "balance": float(d["balance"]),
+            "iterations": d.get("iterations", 0),
+            "seconds": float(d.get("seconds", 0.0)),
+            "method": part.method,
+        },
+        data_version=DataVersion(_hash_arrays(part.assignment)),
+    )
+
+
+@asset(group_name=GROUP, deps=[shard_assignment], partitions_def=shard_partitions)
+def shard_data(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
+    """Shard k's training interactions (every deletion in shard k already removed)."""
+    k = int(context.partition_key)
+    m = steps.write_shard_data(receraser.run_dir(), k)
+    users = int((np.diff(m.indptr) > 0).sum())
+    return MaterializeResult(
+        metadata={"interactions": int(m.nnz), "users": users, "items": int(len(np.unique(m.indices)))},
+        data_version=DataVersion(csr_fingerprint(m)[:24]),
+    )
+
+
+@asset(group_name=GROUP, deps=[shard_data], partitions_def=shard_partitions)
+def shard_model(
+    context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
+) -> MaterializeResult:
+    """The submodel trained on shard_data[k] alone."""
+    k, run, cfg = int(context.partition_key), receraser.run_dir(), receraser.pipeline_config()
+    t0 = time.perf_counter()
+    model = steps.train_shard(run, cfg, k, context.log.info)
+    fit = steps.read_json(run.shard_fit(k))
+    seconds = time.perf_counter() - t0
+    tracker.log_run(
+        receraser.experiment(),
+        f"shard_model[{k}]",
+        _params(receraser, shard=k, **model.config.__dict__),
+        {"best_valid_recall@10": fit["best_valid_recall@10"], "wall_seconds": seconds},
+        fit["history"],
+        _tags(context, receraser),
+    )
+    return MaterializeResult(
+        metadata={
+            "interactions": fit["interactions"],
+            "epochs": fit["epochs"],
+            "best_epoch": fit["best_epoch"],
+            "valid_recall@10": float(fit["best_valid_recall@10"]),
+            "fit_seconds": seconds,
+        },
+        data_version=DataVersion(_params_version(model.params)),
+    )
+
+
+@asset(group_name=GROUP, deps=[shard_model])
+def aggregator(
+    context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
+) -> MaterializeResult:
+    """The aggregation over all frozen submodels, trained on all remaining training data."""
+    run, cfg = receraser.run_dir(), receraser.pipeline_config()
+    t0 = time.perf_counter()
+    agg = steps.aggregate(run, cfg, context.log.info)
+    seconds = time.perf_counter() - t0
+    fit = torch.load(run.aggregator, map_location="cpu", weights_only=False)["fit"]
+    tracker.log_run(
+        receraser.experiment(),
+        "aggregator",
+        _params(receraser, **agg.config.__dict__),
+        {"best_valid_recall@10": fit["best_valid_recall@10"], "wall_seconds": seconds},
+        fit["history"],
+        _tags(context, receraser),
+    )
+    version = _params_version(agg.state_dict()) if agg.state_dict() else _hash_arrays(agg.stack.users.numpy())
+    return MaterializeResult(
+        metadata={
+            "epochs": len(fit["history"]),
+            "fit_seconds": seconds,
+            "valid_recall@10": float(fit["best_valid_recall@10"]),
+        },
+        data_version=DataVersion(version),
+    )
+
+
+@asset(group_name=GROUP, deps=[aggregator])
+def evaluation(
+    context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
+) -> MaterializeResult:
+    """Recall@N / NDCG@N (N = 10, 20, 50) on test, full ranking, training items masked."""
+    run, cfg = receraser.run_dir(), receraser.pipeline_config()
+    metrics = steps.evaluate_run(run, cfg, context.log.info)
+    tracker.log_run(
+        receraser.experiment(),
+        f"evaluation {cfg.partitioner}+{cfg.aggregator}",
+        _params(receraser),
+        {k: float(v) for k, v in metrics.items()},
+        [],
+        _tags(context, receraser),
+    )
+    return MaterializeResult(metadata={k: float(v) for k, v in metrics.items()})
+
+
+@asset(group_name=GROUP, deps=[interactions])
+def retrain_model(
+    context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
+) -> MaterializeResult:
+    """One model on all remaining training data: the exact-unlearning baseline (on demand)."""
+    run, cfg = receraser.run_dir(), receraser.pipeline_config()
+    inter = steps.load_interactions(run.interactions)
+    res = retrain(inter, cfg.model, model_config(cfg.model, inter.name, {**cfg.model_overrides, "seed": cfg.seed}))
+    res.model.save(run.root / "retrain" / "model.pt")
+    metrics = {k: float(v) for k, v in res.metrics.items()}
+    tracker.log_run(
+        receraser.experiment(),
+        "retrain",
+        _params(receraser, method="retrain"),
+        {**metrics, "wall_seconds": res.record["fit_seconds"]},
+        res.record["history"],
+        {**_tags(context, receraser), "method": "retrain"},
+    )
+    return MaterializeResult(metadata={**metrics, "fit_seconds": res.record["fit_seconds"]})
+
+
+ASSETS = [
+    interactions,
+    wmf_embeddings,
+    shard_assignment,
+    shard_data,
+    shard_model,
+    aggregator,
+    evaluation,
+    retrain_model,
+]
+ASSET_KEYS = [AssetKey(a.key.path) for a in ASSETS]

@@ -1,0 +1,279 @@
+"""Driving the asset graph from Python: the instance, staleness, and materializing selections.
+
+Used by `receraser run` / `receraser materialize` (and by tests). Every materialization goes through
+`dagster.materialize` against the project's Dagster instance, so the UI shows exactly these runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.loader import LoadingContext
+
+from dagster_project.assets import ASSETS
+from dagster_project.partitions import shard_partitions
+from dagster_project.resources import ReceraserResource
+from pipelines.tracking import Tracker
+
+PARTITIONED = {"shard_data", "shard_model"}
+ORDER = [
+    "interactions",
+    "wmf_embeddings",
+    "shard_assignment",
+    "shard_data",
+    "shard_model",
+    "aggregator",
+    "evaluation",
+    "retrain_model",
+]
+DAGSTER_YAML = """\
+# written by receraser: embedded SQLite storage under this folder, no telemetry
+telemetry:
+  enabled: false
+"""
+
+
+def ensure_dagster_home(state_dir: Path) -> Path:
+    """Point DAGSTER_HOME at ``state_dir/dagster`` (unless already set) with telemetry off."""
+    home = Path(os.environ.get("DAGSTER_HOME") or Path(state_dir) / "dagster").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text(DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def get_instance(state_dir: Path) -> DagsterInstance:
+    ensure_dagster_home(state_dir)
+    return DagsterInstance.get()
+
+
+class _Loading(LoadingContext):
+    def __init__(self, instance: DagsterInstance) -> None:
+        self._instance = instance
+        self._loaders: dict = {}
+
+    @property
+    def instance(self) -> DagsterInstance:
+        return self._instance
+
+    @property
+    def loaders(self) -> dict:
+        return self._loaders
+
+
+def _graph() -> Any:
+    from dagster._core.definitions.assets.graph.asset_graph import AssetGraph
+
+    return AssetGraph.from_assets(ASSETS)
+
+
+PARENTS: dict[str, list[str]] = {
+    "interactions": [],
+    "wmf_embeddings": ["interactions"],
+    "shard_assignment": ["wmf_embeddings"],
+    "shard_data": ["shard_assignment"],
+    "shard_model": ["shard_data"],
+    "aggregator": ["shard_model"],
+    "evaluation": ["aggregator"],
+    "retrain_model": ["interactions"],
+}
+
+
+def _dagster_status(instance: DagsterInstance, resolver: Any, asset: str, partition: str | None) -> str:
+    key = AssetKey(asset)
+    if partition is None:
+        if instance.get_latest_materialization_event(key) is None:
+            return "missing"
+    elif partition not in instance.get_materialized_partitions(key):
+        return "missing"
+    return "stale" if resolver.get_status(key, partition) == StaleStatus.STALE else "fresh"
+
+
+def graph_status(instance: DagsterInstance, include_retrain: bool = False) -> dict[str, str]:
+    """'missing', 'stale' or 'fresh' for every asset of the graph, partitions as ``shard_model[3]``.
+
+    Dagster marks an asset stale only when a *direct* input has a new data version (one hop); here staleness
+    is transitive, so after shard 3's data changes, shard_model[3], aggregator and evaluation all read stale.
+    """
+    resolver = CachingStaleStatusResolver(instance=instance, asset_graph=_graph(), loading_context=_Loading(instance))
+    keys = shard_partitions.get_partition_keys()
+    out: dict[str, str] = {}
+    for name in ORDER:
+        if name == "retrain_model" and not include_retrain:
+            continue
+        parts: list[str | None] = list(keys) if name in PARTITIONED else [None]
+        for part in parts:
+            label = f"{name}[{part}]" if part is not None else name
+            state = _dagster_status(instance, resolver, name, part)
+            if state == "fresh":
+                parents = [f"{p}[{part}]" if p in PARTITIONED and part is not None else p for p in PARENTS[name]]
+                parents = [
+                    q
+                    for p in parents
+                    for q in ([f"{p}[{k}]" for k in keys] if p in PARTITIONED and "[" not in p else [p])
+                ]
+                if any(out.get(p, "fresh") != "fresh" for p in parents):
+                    state = "stale"
+            out[label] = state
+    return out
+
+
+def status(instance: DagsterInstance, asset: str, partition: str | None = None) -> str:
+    """'missing', 'stale' (transitively) or 'fresh' for one asset (partition)."""
+    label = f"{asset}[{partition}]" if partition is not None else asset
+    return graph_status(instance, include_retrain=asset == "retrain_model")[label]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A parsed selection such as ``shard_model[3]+``: asset, partitions (None = unpartitioned), downstream."""
+
+    asset: str
+    partitions: tuple[str, ...] | None
+    downstream: bool
+
+
+_TARGET = re.compile(r"^\s*(?P<asset>[a-z_]+)\s*(\[(?P<parts>[0-9,\s]*)\])?\s*(?P<plus>\+?)\s*$")
+
+
+def parse_target(text: str, valid_keys: Sequence[str]) -> Target:
+    """Parse ``asset``, ``asset+``, ``asset[3]+`` or ``asset[0,4]+``."""
+    m = _TARGET.match(text)
+    if not m or m.group("asset") not in ORDER:
+        raise ValueError(
+            f"cannot parse selection {text!r}: use ASSET, ASSET+, or ASSET[K,...]+ with ASSET one of {', '.join(ORDER)}"
+        )
+    asset, parts = m.group("asset"), m.group("parts")
+    keys: tuple[str, ...] | None = None
+    if parts is not None:
+        keys = tuple(p.strip() for p in parts.split(",") if p.strip())
+        bad = [k for k in keys if k not in valid_keys]
+        if bad or not keys:
+            raise ValueError(f"unknown shard partition(s) {bad or parts!r}: valid are {', '.join(valid_keys)}")
+        if asset not in PARTITIONED:
+            raise ValueError(f"{asset} is not partitioned; drop the [..]")
+    elif asset in PARTITIONED:
+        keys = tuple(valid_keys)
+    return Target(asset, keys, bool(m.group("plus")))
+
+
+def selection_names(target: Target) -> list[str]:
+    """Asset names the target covers, in graph order (downstream means all descendants)."""
+    if not target.downstream:
+        return [target.asset]
+    sel = AssetSelection.assets(target.asset).downstream()
+    keys = sel.resolve(_graph())
+    names = {k.path[-1] for k in keys} - {"retrain_model"} if target.asset != "retrain_model" else {"retrain_model"}
+    if target.asset == "interactions":
+        names.discard("retrain_model")
+    return [n for n in ORDER if n in names]
+
+
+def _resources(rec: ReceraserResource, tracker: Tracker) -> dict[str, Any]:
+    return {"receraser": rec, "tracker": tracker}
+
+
+def materialize_names(
+    instance: DagsterInstance,
+    names: Sequence[str],
+    rec: ReceraserResource,
+    tracker: Tracker,
+    partition: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """One Dagster run materializing ``names`` (and ``partition`` of the partitioned ones)."""
+    result = materialize(
+        ASSETS,
+        selection=list(names),
+        partition_key=partition,
+        instance=instance,
+        resources=_resources(rec, tracker),
+        tags=tags or {},
+        raise_on_error=True,
+    )
+    return result.run_id
+
+
+def _partition_worker(args: tuple[str, list[str], str, dict[str, Any], dict[str, str]]) -> tuple[str, str]:
+    home, names, key, rec_fields, tags = args
+    import torch
+
+    from dagster_project.resources import default_tracker
+
+    torch.set_num_threads(1)
+    os.environ["DAGSTER_HOME"] = home
+    instance = DagsterInstance.get()
+    return key, materialize_names(instance, names, ReceraserResource(**rec_fields), default_tracker(), key, tags)
+
+
+def materialize_target(
+    instance: DagsterInstance,
+    target: Target,
+    rec: ReceraserResource,
+    tracker: Tracker,
+    workers: int = 1,
+    only: Callable[[str, str | None], bool] | None = None,
+    tags: dict[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Materialize a target: partitioned assets one run per shard (in parallel processes when ``workers`` > 1),
+    then the unpartitioned ones in one run. ``only(asset, partition)`` can skip fresh pieces. Returns run ids."""
+    names = selection_names(target)
+    upstream = [n for n in names if n not in PARTITIONED and ORDER.index(n) < ORDER.index("shard_data")]
+    parted = [n for n in names if n in PARTITIONED]
+    downstream = [n for n in names if n not in PARTITIONED and n not in upstream]
+    runs: list[str] = []
+    if only is not None:
+        upstream = [n for n in upstream if only(n, None)]
+    if upstream:
+        log(f"materializing {', '.join(upstream)}")
+        runs.append(materialize_names(instance, upstream, rec, tracker, tags=tags))
+    keys = list(target.partitions or shard_partitions.get_partition_keys()) if parted else []
+    if only is not None:
+        keys = [k for k in keys if any(only(n, k) for n in parted)]
+    if keys and workers > 1:
+        log(f"materializing {'+'.join(parted)} for shards {', '.join(keys)} in {workers} processes")
+        jobs = [(os.environ["DAGSTER_HOME"], parted, k, rec.model_dump(), tags or {}) for k in keys]
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for k, run_id in pool.map(_partition_worker, jobs):
+                log(f"  shard {k} done (run {run_id[:8]})")
+                runs.append(run_id)
+    else:
+        for k in keys:
+            log(f"materializing {'+'.join(parted)} for shard {k}")
+            runs.append(materialize_names(instance, parted, rec, tracker, partition=k, tags=tags))
+    if only is not None:
+        downstream = [n for n in downstream if only(n, None)]
+    if downstream:
+        log(f"materializing {', '.join(downstream)}")
+        runs.append(materialize_names(instance, downstream, rec, tracker, tags=tags))
+    return runs
+
+
+def run_graph(
+    instance: DagsterInstance,
+    rec: ReceraserResource,
+    tracker: Tracker,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Materialize whatever of the main graph is missing or stale (checked stage by stage, so what an
+    upstream rebuild makes stale is rebuilt too); nothing when everything is fresh."""
+    if all(v == "fresh" for v in graph_status(instance).values()):
+        log("everything is up to date: nothing to materialize")
+        return []
+
+    def needed(asset: str, partition: str | None) -> bool:
+        return status(instance, asset, partition) != "fresh"
+
+    return materialize_target(instance, Target("interactions", None, True), rec, tracker, workers, needed, log=log)

@@ -1,0 +1,52 @@
+"""Where the project keeps its state and which pipeline configuration the Dagster assets build.
+
+Read once, at code-location load: the number of shards fixes the shard partitions. Sources, later ones win:
+the defaults (the paper's: ML-1M, WMF, InBP, attention, K = 10), the JSON file named by
+``$RECERASER_CONFIG`` (or ``receraser.json`` in the state directory), and ``RECERASER_<FIELD>``
+environment variables (``RECERASER_MODEL=bpr``, ``RECERASER_N_SHARDS=20``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import PipelineConfig
+from receraser_core.data.readers import PROJECT_ROOT
+
+
+def state_dir() -> Path:
+    """``$RECERASER_HOME``, default ``state/`` in the project root."""
+    return Path(os.environ.get("RECERASER_HOME", PROJECT_ROOT / "state")).resolve()
+
+
+def data_dir() -> Path | None:
+    env = os.environ.get("RECERASER_DATA_DIR")
+    return Path(env) if env else None
+
+
+def load_pipeline_config() -> PipelineConfig:
+    values: dict[str, Any] = {}
+    path = Path(os.environ.get("RECERASER_CONFIG", state_dir() / "receraser.json"))
+    if path.exists():
+        values.update(json.loads(path.read_text()))
+    for f in dataclasses.fields(PipelineConfig):
+        env = os.environ.get(f"RECERASER_{f.name.upper()}")
+        if env is None:
+            continue
+        if f.type in ("int", int):
+            values[f.name] = int(env)
+        elif f.type in ("str", str):
+            values[f.name] = env
+        else:
+            values[f.name] = json.loads(env)
+    return PipelineConfig.from_dict(values)
+
+
+def run_root(cfg: PipelineConfig) -> Path:
+    """The pipeline's run directory: one per configuration, under the state directory."""
+    name = f"{cfg.dataset.replace(':', '_').replace('/', '_')}-{cfg.model}-{cfg.partitioner}-{cfg.aggregator}"
+    return state_dir() / "pipeline" / f"{name}-K{cfg.n_shards}-s{cfg.seed}-{cfg.fingerprint()[:8]}"
