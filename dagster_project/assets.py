@@ -94,7 +94,11 @@ def interactions(context: AssetExecutionContext, receraser: ReceraserResource) -
 def wmf_embeddings(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """Pretrained WMF user and item vectors, used only to partition."""
     run = receraser.run_dir()
-    u, i = steps.pretrain(run, receraser.pipeline_config(), context.log.info)
+    if run.embeddings.exists() and _run_tags(context).get("receraser/keep_interactions") == "1":
+        with np.load(run.embeddings) as z:  # forgetting keeps the partition embeddings (DESIGN.md 3.6)
+            u, i = z["user"], z["item"]
+    else:
+        u, i = steps.pretrain(run, receraser.pipeline_config(), context.log.info)
     return MaterializeResult(
         metadata={"users": u.shape[0], "items": i.shape[0], "dim": u.shape[1]},
         data_version=DataVersion(_hash_arrays(u, i)),

@@ -192,6 +192,7 @@ def materialize_names(
     tags: dict[str, str] | None = None,
 ) -> str:
     """One Dagster run materializing ``names`` (and ``partition`` of the partitioned ones)."""
+    level = "DEBUG" if os.environ.get("RECERASER_VERBOSE") else "WARNING"  # events still reach the instance / UI
     result = materialize(
         ASSETS,
         selection=list(names),
@@ -200,6 +201,7 @@ def materialize_names(
         resources=_resources(rec, tracker),
         tags=tags or {},
         raise_on_error=True,
+        run_config={"loggers": {"console": {"config": {"log_level": level}}}},
     )
     return result.run_id
 

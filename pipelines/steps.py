@@ -107,6 +107,7 @@ class RunDir:
     aggregator = property(lambda self: self.root / "aggregator.pt")
     evaluation = property(lambda self: self.root / "evaluation.json")
     config = property(lambda self: self.root / "config.json")
+    serving = property(lambda self: self.root / "serving.pt")
 
     def shard_data(self, k: int) -> Path:
         return self.root / "shards" / str(k) / "data.npz"
@@ -168,6 +169,12 @@ def load_partition(run: RunDir) -> Partition:
         raise DataError(f"{run.assignment}: missing; run `partition` first")
     with np.load(run.assignment) as z:
         assignment = z["assignment"]
+        fingerprint = str(z["train_fingerprint"]) if "train_fingerprint" in z else None
+    if fingerprint is not None and fingerprint != csr_fingerprint(load_interactions(run.interactions).train):
+        raise DataError(
+            f"{run.assignment}: belongs to another training matrix (an interrupted redaction); "
+            "run `receraser unlearn` to finish it"
+        )
     diag = read_json(run.diagnostics)
     return Partition(diag["method"], diag["n_shards"], assignment, diag)
 
@@ -194,6 +201,17 @@ def load_shard_data(run: RunDir, k: int) -> sp.csr_matrix:
         return sp.csr_matrix((np.ones(len(indices), np.float32), indices, z["indptr"]), shape=tuple(z["shape"]))
 
 
+def _fault_injection(run: RunDir, k: int) -> None:
+    """Testing hook for the crash / failure tests: ``RECERASER_FAULT_INJECTION=fail_shard`` makes shard training
+    raise, ``hang_shard`` makes it write ``fault-hang-started`` in the run directory and sleep (to be killed)."""
+    fault = os.environ.get("RECERASER_FAULT_INJECTION", "")
+    if fault == "fail_shard":
+        raise RuntimeError(f"injected failure while training shard {k} (RECERASER_FAULT_INJECTION=fail_shard)")
+    if fault == "hang_shard":
+        (run.root / "fault-hang-started").write_text(str(k))
+        time.sleep(3600)
+
+
 def train_shard(
     run: RunDir, cfg: PipelineConfig, k: int, log: Log = _quiet, shard: sp.csr_matrix | None = None
 ) -> Recommender:
@@ -201,6 +219,7 @@ def train_shard(
 
     The data is ``shard`` if given, else the stored ``shards/<k>/data.npz``, else computed from the
     interactions and the shard assignment."""
+    _fault_injection(run, k)
     inter = load_interactions(run.interactions)
     if shard is not None:
         data = shard
@@ -291,6 +310,15 @@ def aggregate(
         },
     }
     _atomic(run.aggregator, lambda p: torch.save(state, p))
+    # the serving snapshot: everything `recommend` needs, independent of the shard model files, replaced only
+    # here, so an interrupted unlearning keeps the previous model serving
+    serving = {
+        **state,
+        "stack": stack.__dict__,
+        "graph": inter.train if agg.config.loss == "lightgcn" else None,
+        "train": inter.train,
+    }
+    _atomic(run.serving, lambda p: torch.save(serving, p))
     log(f"aggregator {cfg.aggregator}: {len(fit.history)} epochs, {fit.seconds:.1f} s")
     return agg
 
@@ -304,6 +332,19 @@ def load_aggregator(run: RunDir, cfg: PipelineConfig) -> Aggregator:
     if agg.config.loss == "lightgcn":
         agg.set_graph(inter.train)
     return agg
+
+
+def load_serving(run: RunDir) -> tuple[Aggregator, sp.csr_matrix]:
+    """The model currently serving recommendations, and the training matrix it was built on."""
+    if not run.serving.exists():
+        raise DataError(f"{run.serving}: no model has been built yet; run `receraser run` first")
+    state = torch.load(run.serving, map_location="cpu", weights_only=False)
+    cfg = PipelineConfig.from_dict(state["config"])
+    agg = AGGREGATORS[cfg.aggregator](ShardStack(**state["stack"]), cfg.agg_config())
+    agg.load_state_dict(state["state"])
+    if state["graph"] is not None:
+        agg.set_graph(state["graph"])
+    return agg, state["train"]
 
 
 def evaluate_run(

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dagster_parsers(sub)
 
+    from receraser_cli.forget_cmds import add_forget_parsers
+
+    add_forget_parsers(sub)
+
     from receraser_cli.bench import add_bench_parser
 
     add_bench_parser(sub, _add_data_args)

@@ -1,0 +1,118 @@
+"""Applying the deletion ledger through the asset graph (DESIGN.md section 3).
+
+All outstanding requests are applied together (batched unlearning): their records are redacted from the
+stored training data, every shard that held one is retrained once, the other shards' data is re-checked
+(same content, same data version, no retraining), then the aggregator and evaluation are rebuilt. A request
+becomes ``applied`` only after all of that succeeded; on any failure it is marked ``failed`` with the reason
+and the next `unlearn` retries it. The serving snapshot is replaced only by the aggregator step, so until
+then the previous model keeps serving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from dagster import DagsterInstance
+
+from dagster_project.orchestrate import materialize_names
+from dagster_project.partitions import shard_partitions
+from dagster_project.resources import ReceraserResource
+from pipelines.forget import finish_interrupted_redaction, locate, redact
+from pipelines.ledger import Ledger
+from pipelines.steps import load_interactions
+from pipelines.tracking import Tracker
+
+
+def ledger_for(rec: ReceraserResource) -> Ledger:
+    """The ledger of this pipeline configuration, beside its run directory."""
+    return Ledger(rec.run_dir().root / "ledger.sqlite")
+
+
+@dataclass
+class _Recording:
+    """Wraps a tracker and remembers the run ids it logged."""
+
+    inner: Tracker
+    ids: list[str] = field(default_factory=list)
+
+    def log_run(self, *args: Any, **kwargs: Any) -> str:
+        rid = self.inner.log_run(*args, **kwargs)
+        self.ids.append(rid)
+        return rid
+
+
+@dataclass
+class UnlearnReport:
+    request_ids: list[int]
+    records: int
+    shards: list[int]
+    dagster_runs: list[str]
+    seconds: dict[str, float]
+
+
+def unlearn_pending(
+    instance: DagsterInstance,
+    rec: ReceraserResource,
+    tracker: Tracker,
+    log: Callable[[str], None] = print,
+) -> UnlearnReport | None:
+    """Apply every outstanding request of the ledger; None when there is nothing to do."""
+    ledger = ledger_for(rec)
+    todo = ledger.outstanding()
+    if not todo:
+        log("no outstanding deletion requests")
+        return None
+    run = rec.run_dir()
+    ids = [r.id for r in todo]
+    t0 = time.perf_counter()
+    try:
+        if finish_interrupted_redaction(run, todo):
+            log("finished a redaction that an interrupted unlearn had started")
+        loc = locate(run, todo)
+        shards_by_id = {
+            r.id: sorted(set(r.shards) | set(loc.shards[np.isin(loc.positions, loc.by_request[r.id])].tolist()))
+            for r in todo
+        }
+        ledger.mark_applying(shards_by_id)  # durable before any data changes
+        affected = sorted({k for s in shards_by_id.values() for k in s})
+        if len(loc.positions):
+            redact(run, loc.positions)
+        log(
+            f"applying {len(ids)} request(s): {len(loc.positions)} training record(s) removed, "
+            f"shard(s) {affected or 'none'} to retrain"
+        )
+        seconds = {"redact": time.perf_counter() - t0}
+        recorder = _Recording(tracker)
+        tags = {"receraser/keep_interactions": "1", "receraser/deletions": ",".join(map(str, ids))}
+        runs = [
+            materialize_names(
+                instance, ["interactions", "wmf_embeddings", "shard_assignment"], rec, recorder, tags=tags
+            )
+        ]
+        seconds["upstream"] = time.perf_counter() - t0 - seconds["redact"]
+        t1 = time.perf_counter()
+        for key in shard_partitions.get_partition_keys():
+            names = ["shard_data", "shard_model"] if int(key) in affected else ["shard_data"]
+            runs.append(materialize_names(instance, names, rec, recorder, partition=key, tags=tags))
+        seconds["shards"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        runs.append(materialize_names(instance, ["aggregator", "evaluation"], rec, recorder, tags=tags))
+        seconds["aggregator_and_evaluation"] = time.perf_counter() - t2
+    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
+        ledger.mark_failed(ids, f"{type(exc).__name__}: {exc}")
+        raise
+    ledger.mark_applied(ids, runs, recorder.ids)
+    seconds["total"] = time.perf_counter() - t0
+    log(f"applied request(s) {', '.join(map(str, ids))} in {seconds['total']:.1f} s")
+    return UnlearnReport(ids, int(len(loc.positions)), affected, runs, seconds)
+
+
+def remaining_training_pairs(run_root: Path) -> int:
+    from pipelines.steps import RunDir
+
+    return int(load_interactions(RunDir(run_root).interactions).train.nnz)

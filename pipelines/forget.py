@@ -1,0 +1,164 @@
+"""Turning requests to forget into redactions of the stored training data.
+
+A request names records by the dataset's *original* ids (MovieLens UserID / MovieID). Only training
+records can be forgotten (validation and test data never reach a model). Redaction removes the records from
+``interactions.npz`` and the matching entries from ``shard_assignment.npz``: the same rows minus the deleted
+ones, never a recomputed partition, so only the affected shards' data changes.
+
+Crash safety: the assignment file records the fingerprint of the training matrix it belongs to. It is
+written first; if the process dies before the interactions file follows, `redact` run again with the same
+records finishes the job (the ledger keeps those records as ``applying``).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.ledger import NewRequest, Request
+from pipelines.steps import RunDir, _atomic, _save_npz, load_interactions, save_interactions
+from receraser_core.data.interactions import DataError, Interactions, csr_fingerprint, pairs_to_csr
+
+
+class ForgetError(DataError):
+    """A request that cannot be recorded: unknown ids, records not in the training data, a bad file."""
+
+
+@dataclass(frozen=True)
+class Located:
+    """Training records of some requests: positions in the train CSR order, their shards."""
+
+    positions: np.ndarray  # (n,) int64
+    shards: np.ndarray  # (n,) int64
+    by_request: dict[int, np.ndarray]  # request id -> positions
+
+
+def _pairs_of_user(inter: Interactions, u: int) -> np.ndarray:
+    return inter.train.indices[inter.train.indptr[u] : inter.train.indptr[u + 1]].astype(np.int64)
+
+
+def check_request(inter: Interactions, req: NewRequest) -> int:
+    """Number of training records the request covers; ForgetError naming the problem otherwise."""
+    try:
+        u = inter.user_index(req.user_id)
+    except KeyError:
+        raise ForgetError(f"unknown user {req.user_id!r} in dataset {inter.name}") from None
+    if req.kind == "user":
+        n = len(_pairs_of_user(inter, u))
+        if n == 0:
+            raise ForgetError(f"user {req.user_id!r} has no training interactions left to forget")
+        return n
+    try:
+        i = inter.item_index(req.item_id)
+    except KeyError:
+        raise ForgetError(f"unknown item {req.item_id!r} in dataset {inter.name}") from None
+    if inter.train[u, i]:
+        return 1
+    where = "validation" if inter.valid[u, i] else "test" if inter.test[u, i] else None
+    detail = f"it is in the {where} data, which no model trains on" if where else "the user never interacted with it"
+    raise ForgetError(f"user {req.user_id!r}, item {req.item_id!r} is not a training interaction ({detail})")
+
+
+def read_request_file(path: Path) -> list[NewRequest]:
+    """CSV with header ``user,item[,reason]``; an empty item or ``*`` means every record of the user."""
+    path = Path(path)
+    if not path.exists():
+        raise ForgetError(f"{path}: file not found")
+    out: list[NewRequest] = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"user", "item"} <= set(reader.fieldnames):
+            raise ForgetError(f"{path}: expected a header with columns 'user,item[,reason]', got {reader.fieldnames}")
+        for lineno, row in enumerate(reader, start=2):
+            user, item = (row.get("user") or "").strip(), (row.get("item") or "").strip()
+            if not user:
+                raise ForgetError(f"{path}:{lineno}: empty user id")
+            kind = "user" if item in ("", "*") else "interaction"
+            out.append(NewRequest(kind, user, "" if kind == "user" else item, (row.get("reason") or "").strip()))
+    if not out:
+        raise ForgetError(f"{path}: no requests in file")
+    return out
+
+
+def _positions(inter: Interactions, requests: Sequence[Request]) -> dict[int, np.ndarray]:
+    by_request: dict[int, np.ndarray] = {}
+    for req in requests:
+        try:
+            u = inter.user_index(req.user_id)
+        except KeyError:
+            by_request[req.id] = np.zeros(0, dtype=np.int64)
+            continue
+        start, end = inter.train.indptr[u], inter.train.indptr[u + 1]
+        cols = inter.train.indices[start:end]
+        if req.kind == "user":
+            pos = np.arange(start, end, dtype=np.int64)
+        else:
+            try:
+                i = inter.item_index(req.item_id)
+            except KeyError:
+                i = -1
+            pos = start + np.flatnonzero(cols == i).astype(np.int64)
+        by_request[req.id] = pos
+    return by_request
+
+
+def locate(run: RunDir, requests: Sequence[Request]) -> Located:
+    """Positions (train CSR order) and shards of the records the requests name that are still stored."""
+    inter = load_interactions(run.interactions)
+    with np.load(run.assignment) as z:
+        assignment = z["assignment"]
+    by_request = _positions(inter, requests)
+    positions = np.unique(np.concatenate([p for p in by_request.values()] or [np.zeros(0, np.int64)]))
+    return Located(positions, assignment[positions], by_request)
+
+
+def redact(run: RunDir, positions: np.ndarray) -> Interactions:
+    """Remove training records at ``positions`` from the interactions store and the shard assignment."""
+    inter = load_interactions(run.interactions)
+    with np.load(run.assignment) as z:
+        assignment = z["assignment"]
+    keep = np.ones(inter.train.nnz, dtype=bool)
+    keep[positions] = False
+    coo = inter.train.tocoo()  # row-major order == CSR order
+    train = pairs_to_csr(coo.row[keep], coo.col[keep], *inter.train.shape)
+    new_assignment = assignment[keep]
+    fp = csr_fingerprint(train)
+    _atomic(run.assignment, lambda p: _save_npz(p, assignment=new_assignment, train_fingerprint=np.array(fp)))
+    redacted = inter.with_train(train)
+    save_interactions(run.interactions, redacted)
+    return redacted
+
+
+def finish_interrupted_redaction(run: RunDir, requests: Sequence[Request]) -> bool:
+    """If a redaction stopped between its two writes, complete it; True when something was repaired."""
+    if check_consistent(run):
+        return False
+    inter = load_interactions(run.interactions)
+    by_request = _positions(inter, requests)
+    positions = np.unique(np.concatenate([p for p in by_request.values()] or [np.zeros(0, np.int64)]))
+    keep = np.ones(inter.train.nnz, dtype=bool)
+    keep[positions] = False
+    coo = inter.train.tocoo()
+    train = pairs_to_csr(coo.row[keep], coo.col[keep], *inter.train.shape)
+    with np.load(run.assignment) as z:
+        expected = str(z["train_fingerprint"]) if "train_fingerprint" in z else ""
+    if csr_fingerprint(train) != expected:
+        raise ForgetError(
+            f"{run.assignment} does not match the stored interactions, and removing the outstanding "
+            "requests' records does not reconcile them; rebuild with `receraser run --rebuild`"
+        )
+    save_interactions(run.interactions, inter.with_train(train))
+    return True
+
+
+def check_consistent(run: RunDir) -> bool:
+    """True when the shard assignment belongs to the stored training matrix."""
+    inter = load_interactions(run.interactions)
+    with np.load(run.assignment) as z:
+        if "train_fingerprint" not in z:
+            return len(z["assignment"]) == inter.train.nnz
+        return str(z["train_fingerprint"]) == csr_fingerprint(inter.train)

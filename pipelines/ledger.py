@@ -1,0 +1,171 @@
+"""The deletion ledger: a durable, append-only record of every request to forget (DESIGN.md section 3).
+
+SQLite in WAL mode; every change is one transaction. A request moves ``pending -> applying -> applied``, or
+to ``failed`` with the error (a failed request is retried by the next `unlearn`). Nothing is ever deleted
+from the ledger, and a repeated request is recognised by its (kind, user, item) and not duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind          TEXT NOT NULL CHECK (kind IN ('interaction', 'user')),
+    user_id       TEXT NOT NULL,
+    item_id       TEXT NOT NULL DEFAULT '',
+    reason        TEXT NOT NULL DEFAULT '',
+    received_at   TEXT NOT NULL,
+    status        TEXT NOT NULL DEFAULT 'pending'
+                  CHECK (status IN ('pending', 'applying', 'applied', 'failed')),
+    records       INTEGER NOT NULL DEFAULT 0,
+    shards        TEXT NOT NULL DEFAULT '[]',
+    dagster_runs  TEXT NOT NULL DEFAULT '[]',
+    mlflow_runs   TEXT NOT NULL DEFAULT '[]',
+    error         TEXT NOT NULL DEFAULT '',
+    applied_at    TEXT NOT NULL DEFAULT '',
+    UNIQUE (kind, user_id, item_id)
+);
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    kind: str
+    user_id: str
+    item_id: str
+    reason: str
+    received_at: str
+    status: str
+    records: int
+    shards: list[int]
+    dagster_runs: list[str]
+    mlflow_runs: list[str]
+    error: str
+    applied_at: str
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Request:
+        d = dict(row)
+        for key in ("shards", "dagster_runs", "mlflow_runs"):
+            d[key] = json.loads(d[key])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    kind: str
+    user_id: str
+    item_id: str = ""
+    reason: str = ""
+
+
+class Ledger:
+    """The ledger file ``<state>/ledger.sqlite``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        con.row_factory = sqlite3.Row
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def add(self, requests: Sequence[NewRequest], records: Sequence[int] | None = None) -> list[tuple[int, bool]]:
+        """Record requests all-or-nothing; returns (id, is_new) per request. A repeat returns the old id
+        (a repeat of a *failed* request puts it back to pending)."""
+        out: list[tuple[int, bool]] = []
+        with self._transaction() as con:
+            for n, req in enumerate(requests):
+                if req.kind not in ("interaction", "user"):
+                    raise ValueError(f"unknown request kind {req.kind!r}")
+                row = con.execute(
+                    "SELECT id, status FROM requests WHERE kind=? AND user_id=? AND item_id=?",
+                    (req.kind, req.user_id, req.item_id),
+                ).fetchone()
+                if row is not None:
+                    if row["status"] == "failed":
+                        con.execute("UPDATE requests SET status='pending', error='' WHERE id=?", (row["id"],))
+                    out.append((int(row["id"]), False))
+                    continue
+                cur = con.execute(
+                    "INSERT INTO requests (kind, user_id, item_id, reason, received_at, records) VALUES (?,?,?,?,?,?)",
+                    (req.kind, req.user_id, req.item_id, req.reason, _now(), int(records[n]) if records else 0),
+                )
+                out.append((int(cur.lastrowid or 0), True))
+        return out
+
+    def get(self, ids: Sequence[int] | None = None, statuses: Sequence[str] | None = None) -> list[Request]:
+        sql, args = "SELECT * FROM requests", []
+        clauses = []
+        if ids is not None:
+            clauses.append(f"id IN ({','.join('?' * len(ids))})")
+            args += list(ids)
+        if statuses is not None:
+            clauses.append(f"status IN ({','.join('?' * len(statuses))})")
+            args += list(statuses)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        with self._connect() as con:
+            return [Request.from_row(r) for r in con.execute(sql + " ORDER BY id", args)]
+
+    def outstanding(self) -> list[Request]:
+        """Requests not yet applied: pending, applying (an interrupted apply) and failed (to retry)."""
+        return self.get(statuses=["pending", "applying", "failed"])
+
+    def mark_applying(self, shards_by_id: dict[int, list[int]]) -> None:
+        with self._transaction() as con:
+            for rid, shards in shards_by_id.items():
+                con.execute(
+                    "UPDATE requests SET status='applying', shards=?, error='' WHERE id=?",
+                    (json.dumps(sorted(set(shards))), rid),
+                )
+
+    def mark_applied(self, ids: Sequence[int], dagster_runs: Sequence[str], mlflow_runs: Sequence[str]) -> None:
+        with self._transaction() as con:
+            for rid in ids:
+                con.execute(
+                    "UPDATE requests SET status='applied', dagster_runs=?, mlflow_runs=?, applied_at=?, "
+                    "error='' WHERE id=?",
+                    (json.dumps(list(dagster_runs)), json.dumps(list(mlflow_runs)), _now(), rid),
+                )
+
+    def mark_failed(self, ids: Sequence[int], error: str) -> None:
+        with self._transaction() as con:
+            for rid in ids:
+                con.execute("UPDATE requests SET status='failed', error=? WHERE id=?", (error[:2000], rid))

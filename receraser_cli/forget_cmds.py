@@ -1,0 +1,165 @@
+"""`receraser forget / unlearn / status / recommend`: the forgetting service from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from receraser_cli.dagster_jobs import _context, add_pipeline_arguments, apply_pipeline_env
+from receraser_core.data.interactions import DataError
+
+
+def _run_dir():  # noqa: ANN202
+    from dagster_project.resources import ReceraserResource
+
+    rec = ReceraserResource.from_settings()
+    run = rec.run_dir()
+    if not run.interactions.exists():
+        raise DataError(f"no pipeline state at {run.root}; run `receraser run` first")
+    return rec, run
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    apply_pipeline_env(args)
+    from dagster_project.unlearn import ledger_for
+    from pipelines.forget import ForgetError, check_request, read_request_file
+    from pipelines.ledger import NewRequest
+    from pipelines.steps import load_interactions
+
+    rec, run = _run_dir()
+    if args.file:
+        if args.user or args.item or args.all:
+            raise ForgetError("use either --file or --user/--item/--all, not both")
+        requests = read_request_file(args.file)
+    else:
+        if not args.user or bool(args.item) == bool(args.all):
+            raise ForgetError("give --user U with either --item I or --all (or --file requests.csv)")
+        kind = "user" if args.all else "interaction"
+        requests = [NewRequest(kind, str(args.user), "" if args.all else str(args.item), args.reason or "")]
+    inter = load_interactions(run.interactions)
+    ledger = ledger_for(rec)
+    known = {(r.kind, r.user_id, r.item_id): r for r in ledger.get()}
+    records = []
+    for n, req in enumerate(requests, start=1):  # validate everything before writing anything
+        prior = known.get((req.kind, req.user_id, req.item_id))
+        if prior is not None and prior.status in ("applied", "applying"):
+            records.append(prior.records)
+            continue
+        try:
+            records.append(check_request(inter, req))
+        except ForgetError as exc:
+            where = f"request {n}: " if len(requests) > 1 else ""
+            raise ForgetError(f"{where}{exc}; nothing was recorded") from None
+    for (rid, new), req, n in zip(ledger.add(requests, records), requests, records, strict=True):
+        what = f"user {req.user_id}" + (f", item {req.item_id}" if req.kind == "interaction" else " (all records)")
+        state = "recorded" if new else f"already recorded ({ledger.get([rid])[0].status})"
+        print(f"request #{rid}: {what}: {n} training record(s), {state}")
+    print("apply with `receraser unlearn` (or let the Dagster sensor do it while `dagster dev` runs)")
+    return 0
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    apply_pipeline_env(args)
+    from dagster_project.unlearn import unlearn_pending
+
+    instance, rec, tracker = _context()
+    report = unlearn_pending(instance, rec, tracker, log=lambda m: print(m, flush=True))
+    if report is not None:
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
+        print(f"retrained shard(s) {report.shards}; {parts}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    apply_pipeline_env(args)
+    from dagster_project.unlearn import ledger_for
+
+    rec, run = _run_dir()
+    rows = ledger_for(rec).get()
+    model = {}
+    if run.serving.exists():
+        state = torch.load(run.serving, map_location="cpu", weights_only=False)
+        model = {"built_at": Path(run.serving).stat().st_mtime, "training_records": int(state["train"].nnz)}
+    applied = [r.id for r in rows if r.status == "applied"]
+    if args.json:
+        print(
+            json.dumps(
+                {"requests": [r.to_dict() for r in rows], "serving_model": model, "serving_model_excludes": applied},
+                indent=2,
+            )
+        )
+        return 0
+    print(f"{'id':>4} {'status':8} {'kind':11} {'user':>8} {'item':>8} {'records':>7} {'shards':10} applied_at / error")
+    for r in rows:
+        tail = r.applied_at if r.status == "applied" else r.error
+        print(
+            f"{r.id:>4} {r.status:8} {r.kind:11} {r.user_id:>8} {r.item_id or '*':>8} {r.records:>7} "
+            f"{','.join(map(str, r.shards)) or '-':10} {tail}"
+        )
+    if model:
+        print(
+            f"serving model: trained on {model['training_records']:,} records; excludes applied request(s) "
+            f"{applied or 'none'}"
+        )
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    apply_pipeline_env(args)
+    from pipelines.steps import load_interactions, load_serving
+    from receraser_core.data.readers import load_titles
+
+    _, run = _run_dir()
+    inter = load_interactions(run.interactions)
+    agg, train = load_serving(run)
+    try:
+        u = inter.user_index(args.user)
+    except KeyError as exc:
+        raise DataError(str(exc.args[0])) from None
+    with torch.no_grad():
+        scores = agg.score(torch.tensor([u]))[0].clone()
+    seen = train.indices[train.indptr[u] : train.indptr[u + 1]]
+    scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
+    top = torch.topk(scores, min(args.n, len(scores))).indices.tolist()
+    titles = load_titles(inter)
+    print(f"top {len(top)} for user {args.user} ({len(seen)} training items masked):")
+    for rank, i in enumerate(top, start=1):
+        title = f"  {titles[i]}" if titles else ""
+        print(f"{rank:>3}. item {inter.item_ids[i]}{title}  (score {float(scores[i]):.3f})")
+    return 0
+
+
+def add_forget_parsers(sub: argparse._SubParsersAction) -> None:
+    f = sub.add_parser(
+        "forget",
+        help="record a request to forget training records (applied by `unlearn` or the Dagster sensor)",
+        description="Ids are the dataset's original ids (MovieLens UserID / MovieID). --file takes a CSV with "
+        "header user,item[,reason] (empty item or * = every record of the user); all rows are checked before "
+        "any is recorded. A repeated request is recognised, not duplicated.",
+    )
+    f.add_argument("--user", help="original user id")
+    f.add_argument("--item", help="original item id")
+    f.add_argument("--all", action="store_true", help="every training record of --user (GDPR erasure)")
+    f.add_argument("--file", type=Path, help="CSV of requests")
+    f.add_argument("--reason", default="", help="free text kept in the ledger")
+    add_pipeline_arguments(f)
+    f.set_defaults(func=cmd_forget)
+
+    u = sub.add_parser("unlearn", help="apply all outstanding requests now (retrains only the affected shards)")
+    add_pipeline_arguments(u)
+    u.set_defaults(func=cmd_unlearn)
+
+    s = sub.add_parser("status", help="the deletion ledger: pending / applied / failed requests and the model")
+    s.add_argument("--json", action="store_true")
+    add_pipeline_arguments(s)
+    s.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("recommend", help="top-N items for a user from the current aggregated model")
+    r.add_argument("--user", required=True, help="original user id")
+    r.add_argument("-n", type=int, default=10, help="how many items (default 10)")
+    add_pipeline_arguments(r)
+    r.set_defaults(func=cmd_recommend)

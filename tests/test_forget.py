@@ -1,0 +1,224 @@
+"""Forgetting: the ledger, request validation, exact per-shard unlearning, and crash / failure recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dagster import instance_for_test
+
+from dagster_project.orchestrate import graph_status, run_graph
+from dagster_project.unlearn import ledger_for, unlearn_pending
+from pipelines.forget import ForgetError, check_request, read_request_file
+from pipelines.ledger import Ledger, NewRequest
+from pipelines.retrain import model_config
+from pipelines.steps import RunDir, load_interactions, load_partition, load_serving, shard_stack
+from pipelines.tracking import MemoryTracker
+from receraser_core.aggregate import AGGREGATORS
+from receraser_core.data.readers import PROJECT_ROOT
+from receraser_core.models import build_model, load_model
+from tests.test_dagster import K, _env, _resource
+
+
+def test_ledger_is_idempotent_and_all_or_nothing(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    [(a, new_a)] = ledger.add([NewRequest("interaction", "1", "10", "gdpr")])
+    [(b, new_b)] = ledger.add([NewRequest("interaction", "1", "10", "again")])
+    assert new_a and not new_b and a == b and len(ledger.get()) == 1
+    with pytest.raises(ValueError):
+        ledger.add([NewRequest("user", "2"), NewRequest("bogus", "3")])
+    assert [r.user_id for r in ledger.get()] == ["1"]  # the valid first row was rolled back too
+    ledger.mark_applying({a: [2, 0]})
+    assert ledger.get([a])[0].status == "applying" and ledger.get([a])[0].shards == [0, 2]
+    ledger.mark_failed([a], "boom")
+    assert ledger.outstanding()[0].error == "boom"
+    ledger.add([NewRequest("interaction", "1", "10")])  # a repeated request re-queues a failed one
+    assert ledger.get([a])[0].status == "pending"
+    ledger.mark_applied([a], ["run1"], ["ml1"])
+    row = ledger.get([a])[0]
+    assert row.status == "applied" and row.dagster_runs == ["run1"] and row.applied_at
+    assert Ledger(tmp_path / "l.sqlite").get([a])[0].status == "applied"  # durable
+
+
+def test_request_validation(tmp_path: Path) -> None:
+    rec = _resource(tmp_path)
+    from pipelines.steps import prepare
+
+    inter = prepare(rec.run_dir(), rec.pipeline_config())
+    u = 0
+    train_item = inter.item_ids[inter.train.indices[inter.train.indptr[u]]]
+    test_item = inter.item_ids[inter.test.indices[inter.test.indptr[u]]]
+    uid = str(inter.user_ids[u])
+    assert check_request(inter, NewRequest("interaction", uid, str(train_item))) == 1
+    assert check_request(inter, NewRequest("user", uid)) == inter.train[u].nnz
+    with pytest.raises(ForgetError, match="in the test data"):
+        check_request(inter, NewRequest("interaction", uid, str(test_item)))
+    with pytest.raises(ForgetError, match="unknown user 'nobody'"):
+        check_request(inter, NewRequest("user", "nobody"))
+    with pytest.raises(ForgetError, match="unknown item '424242'"):
+        check_request(inter, NewRequest("interaction", uid, "424242"))
+    (tmp_path / "r.csv").write_text("user,item,reason\nu1,1001,x\nu2,*,erase\n")
+    reqs = read_request_file(tmp_path / "r.csv")
+    assert [(r.kind, r.user_id, r.item_id) for r in reqs] == [("interaction", "u1", "1001"), ("user", "u2", "")]
+    (tmp_path / "bad.csv").write_text("who,what\n1,2\n")
+    with pytest.raises(ForgetError, match="expected a header"):
+        read_request_file(tmp_path / "bad.csv")
+    (tmp_path / "bad2.csv").write_text("user,item\n,3\n")
+    with pytest.raises(ForgetError, match="bad2.csv:2: empty user"):
+        read_request_file(tmp_path / "bad2.csv")
+
+
+def _pick_records(run: RunDir, shard: int, n: int) -> list[tuple[str, str]]:
+    inter = load_interactions(run.interactions)
+    part = load_partition(run)
+    users = np.repeat(np.arange(inter.n_users), np.diff(inter.train.indptr))
+    pos = np.flatnonzero(part.assignment == shard)[:n]
+    return [(str(inter.user_ids[users[p]]), str(inter.item_ids[inter.train.indices[p]])) for p in pos]
+
+
+@pytest.mark.parametrize("model", ["bpr", "wmf"])
+def test_forgetting_is_exact(tmp_path: Path, model: str) -> None:
+    rec, tracker = _resource(tmp_path, model), MemoryTracker()
+    cfg, run = rec.pipeline_config(), rec.run_dir()
+    with instance_for_test() as instance:
+        run_graph(instance, rec, tracker, log=lambda _: None)
+        before = {k: run.shard_model(k).read_bytes() for k in range(K)}
+        doomed = _pick_records(run, 1, 2)
+        inter0 = load_interactions(run.interactions)
+        ledger = ledger_for(rec)
+        ledger.add([NewRequest("interaction", u, i, "zz-reason-7f3a") for u, i in doomed])
+        report = unlearn_pending(instance, rec, tracker, log=lambda _: None)
+        assert report is not None and report.shards == [1] and report.records == 2
+        assert all(r.status == "applied" and r.shards == [1] for r in ledger.get())
+        assert set(graph_status(instance).values()) == {"fresh"}
+
+        inter = load_interactions(run.interactions)
+        assert inter.train.nnz == inter0.train.nnz - 2
+        for u, i in doomed:
+            assert inter.train[inter.user_index(u), inter.item_index(i)] == 0
+        # untouched shards: not retrained, files byte-identical
+        assert all(run.shard_model(k).read_bytes() == before[k] for k in range(K) if k != 1)
+        assert run.shard_model(1).read_bytes() != before[1]
+        # the retrained shard equals a model trained from scratch on the shard's remaining data, same seed
+        part = load_partition(run)
+        remaining = part.shard_matrix(inter.train, 1)
+        fresh = build_model(
+            cfg.model,
+            inter.n_users,
+            inter.n_items,
+            **model_config(cfg.model, inter.name, {**cfg.model_overrides, "seed": cfg.seed + 1}),
+        )
+        fresh.fit(remaining, inter.valid)
+        stored = load_model(run.shard_model(1))
+        assert all(torch.equal(stored.params[n], fresh.params[n]) for n in fresh.params)
+        # and so does the aggregator, retrained from its seeded initialisation on the remaining data
+        agg = AGGREGATORS[cfg.aggregator](shard_stack(run, cfg, inter, part), cfg.agg_config())
+        agg.fit(inter.train, inter.valid)
+        stored_agg = torch.load(run.aggregator, map_location="cpu", weights_only=False)["state"]
+        assert all(torch.equal(stored_agg[n], agg.state_dict()[n]) for n in stored_agg)
+        # the serving model no longer masks the forgotten item: it is a candidate again
+        serving, train = load_serving(run)
+        u, i = doomed[0]
+        assert train[inter.user_index(u), inter.item_index(i)] == 0
+        assert serving.score(torch.tensor([inter.user_index(u)])).shape == (1, inter.n_items)
+        # no trace of the request in the model files
+        for path in [run.aggregator, run.serving, *(run.shard_model(k) for k in range(K)), run.shard_fit(1)]:
+            assert b"zz-reason-7f3a" not in path.read_bytes() and b"receraser/deletions" not in path.read_bytes()
+
+
+def test_user_erasure_and_batching(tmp_path: Path) -> None:
+    rec, tracker = _resource(tmp_path), MemoryTracker()
+    run = rec.run_dir()
+    with instance_for_test() as instance:
+        run_graph(instance, rec, tracker, log=lambda _: None)
+        inter = load_interactions(run.interactions)
+        uid = str(inter.user_ids[4])
+        n = inter.train[4].nnz
+        doomed = _pick_records(run, 0, 1)
+        ledger_for(rec).add([NewRequest("user", uid), NewRequest("interaction", *doomed[0])])
+        n_runs = len(tracker.runs)
+        report = unlearn_pending(instance, rec, tracker, log=lambda _: None)
+        assert report is not None and report.records == n + 1
+        inter = load_interactions(run.interactions)
+        assert inter.train[4].nnz == 0
+        # one batch: each affected shard retrained once, one aggregator, one evaluation
+        names = [r["name"] for r in tracker.runs[n_runs:]]
+        assert names.count("aggregator") == 1
+        assert sorted(n for n in names if n.startswith("shard_model")) == sorted(
+            f"shard_model[{k}]" for k in report.shards
+        )
+        assert ledger_for(rec).outstanding() == []
+
+
+def _cli(args: list[str], env: dict[str, str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "receraser_cli.main", *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )  # type: ignore[call-overload]
+
+
+def test_cli_forget_kill_and_fail_then_recover(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    assert _cli(["run"], env).returncode == 0
+    status = json.loads(_cli(["status", "--json"], env).stdout)
+    assert status["requests"] == []
+    bad = _cli(["forget", "--user", "u0", "--item", "999999"], env)
+    assert bad.returncode == 2 and "unknown item '999999'" in bad.stderr and "Traceback" not in bad.stderr
+    out = _cli(["forget", "--user", "u3", "--all", "--reason", "gdpr"], env)
+    assert out.returncode == 0, out.stderr
+    again = _cli(["forget", "--user", "u3", "--all"], env)
+    assert "already recorded (pending)" in again.stdout
+
+    (run_root_dir,) = (tmp_path / "state" / "pipeline").iterdir()
+    run = RunDir(run_root_dir)
+    serving_before = run.serving.read_bytes()
+
+    # killed mid-apply: the request stays 'applying', the previous model keeps serving
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "receraser_cli.main", "unlearn"],
+        env={**env, "RECERASER_FAULT_INJECTION": "hang_shard"},
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    marker = run.root / "fault-hang-started"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    marker.unlink()
+    rows = json.loads(_cli(["status", "--json"], env).stdout)["requests"]
+    assert [r["status"] for r in rows] == ["applying"]
+    assert run.serving.read_bytes() == serving_before
+
+    # a failing shard run marks the request failed, with the reason
+    failed = _cli(["unlearn"], {**env, "RECERASER_FAULT_INJECTION": "fail_shard"})
+    assert failed.returncode != 0
+    rows = json.loads(_cli(["status", "--json"], env).stdout)["requests"]
+    assert rows[0]["status"] == "failed" and "injected failure" in rows[0]["error"]
+    assert run.serving.read_bytes() == serving_before
+
+    # the next unlearn completes it
+    ok = _cli(["unlearn"], env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    rows = json.loads(_cli(["status", "--json"], env).stdout)["requests"]
+    assert rows[0]["status"] == "applied" and rows[0]["records"] > 0 and rows[0]["dagster_runs"]
+    assert run.serving.read_bytes() != serving_before
+    rec_out = _cli(["recommend", "--user", "u3", "-n", "3"], env)
+    assert rec_out.returncode == 0 and "0 training items masked" in rec_out.stdout
