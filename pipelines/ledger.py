@@ -131,7 +131,7 @@ class Ledger:
         return out
 
     def get(self, ids: Sequence[int] | None = None, statuses: Sequence[str] | None = None) -> list[Request]:
-        sql, args = "SELECT * FROM requests", []
+        sql, args = "SELECT * FROM requests", list[object]()
         clauses = []
         if ids is not None:
             clauses.append(f"id IN ({','.join('?' * len(ids))})")
