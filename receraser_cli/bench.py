@@ -138,3 +138,7 @@ def add_bench_parser(sub: argparse._SubParsersAction, add_data_args: Callable[[a
     cp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     add_data_args(cp)
     cp.set_defaults(func=cmd_bench_compare)
+
+    from receraser_cli.bench_unlearning import add_unlearning_parser
+
+    add_unlearning_parser(bench_sub)

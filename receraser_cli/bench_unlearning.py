@@ -1,0 +1,155 @@
+"""`receraser bench unlearning`: time from request to applied, next to a full Retrain in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from receraser_cli.dagster_jobs import _context, add_pipeline_arguments, apply_pipeline_env
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def _inner_seconds(run: Any, shards: list[int]) -> dict[str, float]:
+    """Compute time inside the steps (shard fits, aggregator fit, evaluation) of the last apply."""
+    from pipelines.steps import read_json
+
+    shard = sum(float(read_json(run.shard_fit(k))["seconds"]) for k in shards)
+    agg = float(torch.load(run.aggregator, map_location="cpu", weights_only=False)["fit"]["seconds"])
+    ev = float(read_json(run.evaluation)["seconds"])
+    return {"shard_training": shard, "aggregator_training": agg, "evaluation": ev}
+
+
+def cmd_bench_unlearning(args: argparse.Namespace) -> int:
+    if args.state_dir is None:
+        args.state_dir = Path("state") / "bench-unlearning" / f"{args.dataset or 'ml-1m'}-{args.model or 'wmf'}"
+    apply_pipeline_env(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from dagster_project.orchestrate import run_graph
+    from dagster_project.unlearn import ledger_for, unlearn_pending
+    from pipelines.ledger import NewRequest
+    from pipelines.retrain import model_config, retrain
+    from pipelines.steps import load_interactions
+
+    instance, rec, tracker = _context()
+    cfg = rec.pipeline_config()
+    run = rec.run_dir()
+    print(
+        f"building {cfg.partitioner}+{cfg.aggregator} K={cfg.n_shards} {cfg.model} on {cfg.dataset} "
+        "(skipped if already built)",
+        flush=True,
+    )
+    t = time.perf_counter()
+    run_graph(instance, rec, tracker, log=lambda m: print(f"  {m}", flush=True))
+    build_seconds = time.perf_counter() - t
+    before = json.loads(run.evaluation.read_text())
+    inter = load_interactions(run.interactions)
+    rng = np.random.default_rng(args.sample_seed)
+    picks = rng.choice(inter.train.nnz, size=args.requests, replace=False)
+    users = np.repeat(np.arange(inter.n_users), np.diff(inter.train.indptr))
+    reqs = [
+        NewRequest(
+            "interaction", str(inter.user_ids[users[p]]), str(inter.item_ids[inter.train.indices[p]]), "benchmark"
+        )
+        for p in picks
+    ]
+    ledger = ledger_for(rec)
+    times: list[float] = []
+    breakdowns: list[dict[str, float]] = []
+    groups = [reqs[i : i + args.batch] for i in range(0, len(reqs), args.batch)]
+    for n, group in enumerate(groups, start=1):
+        t = time.perf_counter()
+        ledger.add(group)
+        report = unlearn_pending(instance, rec, tracker, log=lambda _: None)
+        elapsed = time.perf_counter() - t
+        assert report is not None
+        inner = _inner_seconds(run, report.shards)
+        inner["dagster_and_io_overhead"] = elapsed - sum(inner.values())
+        times.append(elapsed)
+        breakdowns.append({**inner, "shards_retrained": float(len(report.shards))})
+        print(
+            f"[{n}/{len(groups)}] {len(group)} request(s) applied in {elapsed:.1f} s "
+            f"(shards {report.shards}: shard {inner['shard_training']:.1f} s, aggregator "
+            f"{inner['aggregator_training']:.1f} s, evaluation {inner['evaluation']:.1f} s, overhead "
+            f"{inner['dagster_and_io_overhead']:.1f} s)",
+            flush=True,
+        )
+    after = json.loads(run.evaluation.read_text())
+    remaining = load_interactions(run.interactions)
+    print("retraining one model on the same remaining data (the exact-unlearning baseline)", flush=True)
+    res = retrain(
+        remaining, cfg.model, model_config(cfg.model, remaining.name, {**cfg.model_overrides, "seed": cfg.seed})
+    )
+    retrain_seconds = float(res.record["fit_seconds"]) + float(res.record["eval_seconds"])
+    mean_breakdown = {k: statistics.fmean(b[k] for b in breakdowns) for k in breakdowns[0]}
+    record: dict[str, Any] = {
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "method": "receraser",
+        "partitioner": cfg.partitioner,
+        "aggregator": cfg.aggregator,
+        "shards": cfg.n_shards,
+        "requests": args.requests,
+        "batch": args.batch,
+        "unlearning_seconds_mean": statistics.fmean(times),
+        "unlearning_seconds_median": statistics.median(times),
+        "unlearning_seconds_p95": _percentile(times, 95),
+        "unlearning_seconds_all": times,
+        "breakdown_mean_seconds": mean_breakdown,
+        "retrain_seconds": retrain_seconds,
+        "retrain_fit_seconds": res.record["fit_seconds"],
+        "speedup_mean": retrain_seconds / statistics.fmean(times),
+        "quality_before": {k: before[k] for k in before if k.startswith(("recall@", "ndcg@"))},
+        "quality_after": {k: after[k] for k in after if k.startswith(("recall@", "ndcg@"))},
+        "retrain_quality_on_remaining": {k: v for k, v in res.metrics.items() if k != "users"},
+        "recall@20_change_pct": 100 * (after["recall@20"] / before["recall@20"] - 1),
+        "build_seconds": build_seconds,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "seed": cfg.seed,
+        "sample_seed": args.sample_seed,
+    }
+    print(
+        f"unlearning: mean {record['unlearning_seconds_mean']:.1f} s, median "
+        f"{record['unlearning_seconds_median']:.1f} s, p95 {record['unlearning_seconds_p95']:.1f} s; retrain "
+        f"{retrain_seconds:.1f} s; speedup {record['speedup_mean']:.2f}x"
+    )
+    print(
+        f"Recall@20 before {before['recall@20']:.4f}, after {after['recall@20']:.4f} "
+        f"({record['recall@20_change_pct']:+.2f}%), retrain on remaining {res.metrics['recall@20']:.4f}"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2, default=float) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_unlearning_parser(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "unlearning",
+        help="unlearning time per request vs a full Retrain measured in the same run, and quality after",
+        description="Builds the pipeline through Dagster (in its own state directory unless --state-dir), "
+        "samples --requests random training interactions (seeded), applies them --batch at a time through the "
+        "ledger and the asset graph (shard retrain + aggregator + evaluation), then retrains one model on the "
+        "same remaining data. Writes mean / median / p95 unlearning time, the breakdown, the Retrain time, the "
+        "speedup and quality before / after / Retrain.",
+    )
+    add_pipeline_arguments(p)
+    p.add_argument("--requests", type=int, default=100, help="how many random training interactions (default 100)")
+    p.add_argument("--batch", type=int, default=1, help="requests applied together (default 1: one at a time)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the sampled requests")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, default=None)
+    p.set_defaults(func=cmd_bench_unlearning)
