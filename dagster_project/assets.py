@@ -18,8 +18,9 @@ from dagster import (
 )
 
 from dagster_project.partitions import PIPELINE, shard_partitions
-from dagster_project.resources import ReceraserResource
+from dagster_project.resources import ReceraserResource, ledger_for
 from pipelines import steps
+from pipelines.forget import reapply_ledger
 from pipelines.retrain import model_config, retrain
 from pipelines.tracking import Tracker
 from receraser_core.data.interactions import csr_fingerprint
@@ -77,10 +78,11 @@ def _params(rec: ReceraserResource, **extra: Any) -> dict[str, Any]:
 def interactions(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """The dataset, id-mapped and split into train / valid / test (minus applied deletions)."""
     run = receraser.run_dir()
-    if run.interactions.exists() and _run_tags(context).get("receraser/keep_interactions") == "1":
-        inter = steps.load_interactions(run.interactions)  # redacted by the forget flow: keep it
+    if run.interactions.exists():
+        inter = steps.load_interactions(run.interactions)  # the store, redacted by every applied deletion
     else:
-        inter = steps.prepare(run, receraser.pipeline_config(), receraser.data_path(), context.log.info)
+        steps.prepare(run, receraser.pipeline_config(), receraser.data_path(), context.log.info)
+        inter = reapply_ledger(run, ledger_for(receraser))  # a store rebuilt from source never resurrects records
     version = _hash_arrays(
         *(getattr(inter, p).indptr for p in ("train", "valid", "test")),
         *(getattr(inter, p).indices for p in ("train", "valid", "test")),

@@ -268,9 +268,15 @@ def run_graph(
     tracker: Tracker,
     workers: int = 1,
     log: Callable[[str], None] = print,
+    rebuild: bool = False,
 ) -> list[str]:
     """Materialize whatever of the main graph is missing or stale (checked stage by stage, so what an
-    upstream rebuild makes stale is rebuilt too); nothing when everything is fresh."""
+    upstream rebuild makes stale is rebuilt too); nothing when everything is fresh.
+
+    ``rebuild`` materializes everything: the pretrained embeddings and the partition are recomputed from the
+    remaining (redacted) data, which lifts the limit of DESIGN.md section 3.6 at the cost of a full retrain."""
+    if rebuild:
+        return materialize_target(instance, Target("interactions", None, True), rec, tracker, workers, log=log)
     if all(v == "fresh" for v in graph_status(instance).values()):
         log("everything is up to date: nothing to materialize")
         return []

@@ -9,6 +9,7 @@ from dagster import ConfigurableResource
 
 from dagster_project.settings import data_dir, load_pipeline_config, run_root, state_dir
 from pipelines.config import PipelineConfig
+from pipelines.ledger import Ledger
 from pipelines.steps import RunDir
 from pipelines.tracking import MlflowTracker, Tracker
 
@@ -83,3 +84,8 @@ class ReceraserResource(ConfigurableResource):
 
 def default_tracker() -> Tracker:
     return MlflowTracker.in_state_dir(state_dir())
+
+
+def ledger_for(rec: ReceraserResource) -> Ledger:
+    """The deletion ledger of this pipeline configuration, beside its run directory."""
+    return Ledger(rec.run_dir().root / "ledger.sqlite")

@@ -17,8 +17,8 @@ from dagster import (
     sensor,
 )
 
-from dagster_project.resources import ReceraserResource
-from dagster_project.unlearn import ledger_for, unlearn_pending
+from dagster_project.resources import ReceraserResource, ledger_for
+from dagster_project.unlearn import unlearn_pending
 from pipelines.tracking import Tracker
 
 

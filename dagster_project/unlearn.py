@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,16 +20,9 @@ from dagster import DagsterInstance
 
 from dagster_project.orchestrate import materialize_names
 from dagster_project.partitions import shard_partitions
-from dagster_project.resources import ReceraserResource
+from dagster_project.resources import ReceraserResource, ledger_for
 from pipelines.forget import finish_interrupted_redaction, locate, redact
-from pipelines.ledger import Ledger
-from pipelines.steps import load_interactions
 from pipelines.tracking import Tracker
-
-
-def ledger_for(rec: ReceraserResource) -> Ledger:
-    """The ledger of this pipeline configuration, beside its run directory."""
-    return Ledger(rec.run_dir().root / "ledger.sqlite")
 
 
 @dataclass
@@ -110,9 +102,3 @@ def unlearn_pending(
     seconds["total"] = time.perf_counter() - t0
     log(f"applied request(s) {', '.join(map(str, ids))} in {seconds['total']:.1f} s")
     return UnlearnReport(ids, int(len(loc.positions)), affected, runs, seconds)
-
-
-def remaining_training_pairs(run_root: Path) -> int:
-    from pipelines.steps import RunDir
-
-    return int(load_interactions(RunDir(run_root).interactions).train.nnz)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.ledger import NewRequest, Request
+from pipelines.ledger import Ledger, NewRequest, Request
 from pipelines.steps import RunDir, _atomic, _save_npz, load_interactions, save_interactions
 from receraser_core.data.interactions import DataError, Interactions, csr_fingerprint, pairs_to_csr
 
@@ -162,3 +162,18 @@ def check_consistent(run: RunDir) -> bool:
         if "train_fingerprint" not in z:
             return len(z["assignment"]) == inter.train.nnz
         return str(z["train_fingerprint"]) == csr_fingerprint(inter.train)
+
+
+def reapply_ledger(run: RunDir, ledger: Ledger) -> Interactions:
+    """Remove from a freshly prepared interactions store every record of applied (or applying) requests."""
+    inter = load_interactions(run.interactions)
+    done = ledger.get(statuses=["applied", "applying"])
+    positions = np.unique(np.concatenate([p for p in _positions(inter, done).values()] or [np.zeros(0, np.int64)]))
+    if len(positions) == 0:
+        return inter
+    keep = np.ones(inter.train.nnz, dtype=bool)
+    keep[positions] = False
+    coo = inter.train.tocoo()
+    redacted = inter.with_train(pairs_to_csr(coo.row[keep], coo.col[keep], *inter.train.shape))
+    save_interactions(run.interactions, redacted)
+    return redacted

@@ -67,7 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         flush=True,
     )
     workers = 2 if args.executor == "multiprocess" else 1
-    runs = run_graph(instance, rec, tracker, workers=workers, log=lambda m: print(f"  {m}", flush=True))
+    runs = run_graph(
+        instance, rec, tracker, workers=workers, log=lambda m: print(f"  {m}", flush=True), rebuild=args.rebuild
+    )
     run_dir = rec.run_dir()
     metrics = json.loads(run_dir.evaluation.read_text())
     print(f"\ntest metrics ({cfg.partitioner} + {cfg.aggregator}, K = {cfg.n_shards}):")
@@ -128,6 +130,12 @@ def add_dagster_parsers(sub: argparse._SubParsersAction) -> None:
         choices=["in_process", "multiprocess"],
         default="in_process",
         help="multiprocess trains shards in 2 parallel processes (default in_process)",
+    )
+    run.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="rebuild everything from the remaining data, including the WMF partition embeddings and the "
+        "partition itself (after deletions: the full-rebuild job of DESIGN.md 3.6)",
     )
     run.set_defaults(func=cmd_run)
 
