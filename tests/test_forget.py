@@ -156,6 +156,12 @@ def test_user_erasure_and_batching(tmp_path: Path) -> None:
             f"shard_model[{k}]" for k in report.shards
         )
         assert ledger_for(rec).outstanding() == []
+        # a full rebuild from source (store lost, embeddings and partition recomputed) never resurrects them
+        run.interactions.unlink()
+        run_graph(instance, rec, tracker, log=lambda _: None, rebuild=True)
+        rebuilt = load_interactions(run.interactions)
+        assert rebuilt.train[4].nnz == 0 and rebuilt.train.nnz == inter.train.nnz
+        assert set(graph_status(instance).values()) == {"fresh"}
 
 
 def _cli(args: list[str], env: dict[str, str], **kw: object) -> subprocess.CompletedProcess[str]:
