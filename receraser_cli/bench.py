@@ -92,6 +92,13 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_report(args: argparse.Namespace) -> int:
+    from pipelines.report import build_report
+
+    print(f"wrote {build_report(args.results, args.out)}")
+    return 0
+
+
 def add_bench_parser(sub: argparse._SubParsersAction, add_data_args: Callable[[argparse.ArgumentParser], None]) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -142,3 +149,8 @@ def add_bench_parser(sub: argparse._SubParsersAction, add_data_args: Callable[[a
     from receraser_cli.bench_unlearning import add_unlearning_parser
 
     add_unlearning_parser(bench_sub)
+
+    rp = bench_sub.add_parser("report", help="regenerate docs/results.md and its figures from the committed JSON")
+    rp.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    rp.add_argument("--out", type=Path, default=Path("docs"))
+    rp.set_defaults(func=cmd_bench_report)
