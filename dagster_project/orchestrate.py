@@ -245,6 +245,9 @@ def materialize_target(
         keys = [k for k in keys if any(only(n, k) for n in parted)]
     if keys and workers > 1:
         log(f"materializing {'+'.join(parted)} for shards {', '.join(keys)} in {workers} processes")
+        prepare = getattr(tracker, "prepare", None)
+        if prepare is not None:  # the workers' first MLflow calls would otherwise race to create the database
+            prepare(rec.experiment())
         jobs = [(os.environ["DAGSTER_HOME"], parted, k, rec.model_dump(), tags or {}) for k in keys]
         with ProcessPoolExecutor(max_workers=workers) as pool:
             for k, run_id in pool.map(_partition_worker, jobs):

@@ -83,6 +83,10 @@ class MlflowTracker:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
+    def prepare(self, experiment: str) -> None:
+        """Create the store and the experiment now (before parallel workers race to create them)."""
+        self._experiment(experiment)
+
     def _experiment(self, name: str) -> str:
         client = self.client()
         exp = client.get_experiment_by_name(name)

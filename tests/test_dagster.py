@@ -190,7 +190,7 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 def test_cli_run_is_idempotent_and_native_dagster_cli_works(tmp_path: Path) -> None:
     env = _env(tmp_path)
-    first = _cli(["run"], env)
+    first = _cli(["run", "--executor", "multiprocess"], env)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "Recall@N" in first.stdout and "MLflow store" in first.stdout and "mlflow ui" in first.stdout
     second = _cli(["run"], env)

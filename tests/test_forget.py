@@ -228,3 +228,25 @@ def test_cli_forget_kill_and_fail_then_recover(tmp_path: Path) -> None:
     assert run.serving.read_bytes() != serving_before
     rec_out = _cli(["recommend", "--user", "u3", "-n", "3"], env)
     assert rec_out.returncode == 0 and "0 training items masked" in rec_out.stdout
+
+
+def test_sensor_launches_the_unlearn_job(tmp_path: Path) -> None:
+    from dagster import build_sensor_context
+
+    from dagster_project.sensors import deletion_sensor, unlearn_job
+
+    rec, tracker = _resource(tmp_path), MemoryTracker()
+    with instance_for_test() as instance:
+        run_graph(instance, rec, tracker, log=lambda _: None)
+        ctx = build_sensor_context(instance=instance, resources={"receraser": rec})
+        assert deletion_sensor(ctx, receraser=rec).__class__.__name__ == "SkipReason"
+        doomed = _pick_records(rec.run_dir(), 0, 1)
+        ledger_for(rec).add([NewRequest("interaction", *doomed[0])])
+        request = deletion_sensor(ctx, receraser=rec)
+        assert request.run_key == "unlearn-1" and request.tags["receraser/deletions"] == "1"
+        result = unlearn_job.execute_in_process(
+            instance=instance, resources={"receraser": rec, "tracker": tracker}, tags=request.tags
+        )
+        assert result.success
+        assert ledger_for(rec).get()[0].status == "applied"
+        assert deletion_sensor(ctx, receraser=rec).__class__.__name__ == "SkipReason"
