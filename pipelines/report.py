@@ -72,7 +72,7 @@ def build_report(results: Path, out: Path) -> Path:
                 continue
             r = rows[-1]
             p = PAPER[model][method]
-            unlearn = r.get("unlearning_seconds_estimate", r.get("fit_seconds"))
+            unlearn = r.get("unlearning_seconds_estimate", r.get("fit_seconds", float("nan")))
             lines.append(
                 f"| {model} | {method} | {r['recall@20']:.4f} | {r['ndcg@20']:.4f} | {p[0]:.4f} | "
                 f"{p[1]:.4f} | {r.get('fit_seconds', float('nan')):.1f} | {float(unlearn):.1f} |"
