@@ -25,7 +25,7 @@ from pipelines.tracking import MemoryTracker
 from receraser_core.aggregate import AGGREGATORS
 from receraser_core.data.readers import PROJECT_ROOT
 from receraser_core.models import build_model, load_model
-from tests.test_dagster import K, _env, _resource
+from tests.test_dagster import K, _cli, _env, _resource
 
 
 def test_ledger_is_idempotent_and_all_or_nothing(tmp_path: Path) -> None:
@@ -162,18 +162,6 @@ def test_user_erasure_and_batching(tmp_path: Path) -> None:
         rebuilt = load_interactions(run.interactions)
         assert rebuilt.train[4].nnz == 0 and rebuilt.train.nnz == inter.train.nnz
         assert set(graph_status(instance).values()) == {"fresh"}
-
-
-def _cli(args: list[str], env: dict[str, str], **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "receraser_cli.main", *args],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kw,
-    )  # type: ignore[call-overload]
 
 
 def test_cli_forget_kill_and_fail_then_recover(tmp_path: Path) -> None:

@@ -9,19 +9,35 @@ from pipelines.report import build_report
 
 
 def _rec(method: str, **kw: object) -> dict:
-    base = {"dataset": "ml-1m", "model": "wmf", "method": method, "recall@20": 0.2, "ndcg@20": 0.3,
-            "fit_seconds": 10.0, "partitioner": "inbp", "aggregator": "attention", "shards": 10,
-            "partition_seconds": 1.0, "aggregate_seconds": 2.0, "shard_seconds_mean": 0.5,
-            "unlearning_seconds_estimate": 2.5}
+    base = {
+        "dataset": "ml-1m",
+        "model": "wmf",
+        "method": method,
+        "recall@20": 0.2,
+        "ndcg@20": 0.3,
+        "fit_seconds": 10.0,
+        "partitioner": "inbp",
+        "aggregator": "attention",
+        "shards": 10,
+        "partition_seconds": 1.0,
+        "aggregate_seconds": 2.0,
+        "shard_seconds_mean": 0.5,
+        "unlearning_seconds_estimate": 2.5,
+    }
     return {**base, **kw}
 
 
 def test_report_from_json(tmp_path: Path) -> None:
     res = tmp_path / "results"
     res.mkdir()
-    records = [_rec("retrain"), _rec("receraser", **{"recall@20": 0.2313}),
-               _rec("ablation-partitioner-ubp", partitioner="ubp"), _rec("ablation-aggregator-mean", aggregator="mean"),
-               _rec("ablation-shards-5", shards=5), _rec("ablation-shards-20", shards=20)]
+    records = [
+        _rec("retrain"),
+        _rec("receraser", **{"recall@20": 0.2313}),
+        _rec("ablation-partitioner-ubp", partitioner="ubp"),
+        _rec("ablation-aggregator-mean", aggregator="mean"),
+        _rec("ablation-shards-5", shards=5),
+        _rec("ablation-shards-20", shards=20),
+    ]
     (res / "compare-ml-1m-wmf.json").write_text(json.dumps(records))
     path = build_report(res, tmp_path / "docs")
     text = path.read_text()
