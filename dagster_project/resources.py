@@ -25,6 +25,7 @@ class ReceraserResource(ConfigurableResource):
     seed: int = 0
     split_seed: int = 0
     partition_iters: int = 20
+    shard_valid: str = "local"
     model_overrides_json: str = "{}"
     agg_overrides_json: str = "{}"
     state_dir: str = ""
@@ -46,6 +47,7 @@ class ReceraserResource(ConfigurableResource):
             seed=cfg.seed,
             split_seed=cfg.split_seed,
             partition_iters=cfg.partition_iters,
+            shard_valid=cfg.shard_valid,
             model_overrides_json=json.dumps(cfg.model_overrides),
             agg_overrides_json=json.dumps(cfg.agg_overrides),
             state_dir=str(state),
@@ -63,6 +65,7 @@ class ReceraserResource(ConfigurableResource):
                 "seed": self.seed,
                 "split_seed": self.split_seed,
                 "partition_iters": self.partition_iters,
+                "shard_valid": self.shard_valid,
                 "model_overrides": json.loads(self.model_overrides_json),
                 "agg_overrides": json.loads(self.agg_overrides_json),
             }

@@ -15,12 +15,13 @@ from receraser_core.partition import PARTITIONERS
 #: Aggregator training defaults per base model (chosen on ML-1M validation; see docs/results.md).
 AGG_DEFAULTS: dict[str, dict[str, Any]] = {
     "wmf": {"loss": "wmf", "lr": 0.02, "reg": 10.0, "epochs": 30, "patience": 3},
-    "bpr": {"loss": "bpr", "lr": 0.01, "reg": 1e-2, "epochs": 30, "patience": 3},
+    "bpr": {"loss": "bpr", "lr": 0.02, "reg": 1e-2, "epochs": 30, "patience": 3},
     "lightgcn": {"loss": "lightgcn", "lr": 0.01, "reg": 1e-3, "epochs": 30, "patience": 3},
 }
 
-#: Shard submodel overrides per base model; a shard holds ~1/K of the data.
-SHARD_DEFAULTS: dict[str, dict[str, Any]] = {}
+#: Shard submodel overrides per base model: a shard holds ~1/K of the data, so an epoch has ~K times fewer
+#: Adam steps; BPR at the full-data lr (1e-3) barely leaves its initialisation before early stopping.
+SHARD_DEFAULTS: dict[str, dict[str, Any]] = {"bpr": {"lr": 5e-3}, "lightgcn": {"lr": 1e-2}}
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class PipelineConfig:
     seed: int = 0
     split_seed: int = 0
     partition_iters: int = 20
+    shard_valid: str = "local"  # early-stop shards on validation pairs inside the shard ("local") or all ("global")
     model_overrides: dict[str, Any] = field(default_factory=dict)
     agg_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -45,6 +47,8 @@ class PipelineConfig:
             raise ConfigError(f"unknown partitioner {self.partitioner!r}; choose one of {', '.join(PARTITIONERS)}")
         if self.aggregator not in AGGREGATORS:
             raise ConfigError(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATORS)}")
+        if self.shard_valid not in ("local", "global"):
+            raise ConfigError(f"shard_valid must be 'local' or 'global', got {self.shard_valid!r}")
         if self.n_shards < 1:
             raise ConfigError(f"n_shards must be >= 1, got {self.n_shards}")
 

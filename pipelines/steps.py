@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from pipelines.config import PipelineConfig
+from pipelines.config import SHARD_DEFAULTS, PipelineConfig
 from pipelines.retrain import model_config
 from receraser_core.aggregate import AGGREGATORS, Aggregator, ShardStack
 from receraser_core.data.interactions import DataError, Interactions, csr_fingerprint
@@ -185,6 +185,18 @@ def shard_train_matrix(run: RunDir, k: int) -> sp.csr_matrix:
     return load_partition(run).shard_matrix(inter.train, k)
 
 
+def shard_validation(valid: sp.csr_matrix, shard: sp.csr_matrix) -> sp.csr_matrix:
+    """The validation pairs whose user and item both occur in the shard: the part of validation a shard model
+    can be judged on (early stopping). It depends only on the fixed validation set and the shard's own data."""
+    users_in = np.diff(shard.indptr) > 0
+    items_in = np.bincount(shard.indices, minlength=shard.shape[1]) > 0
+    v = valid.tocoo()
+    keep = users_in[v.row] & items_in[v.col]
+    out = sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (v.row[keep], v.col[keep])), shape=valid.shape)
+    out.sort_indices()
+    return out
+
+
 def write_shard_data(run: RunDir, k: int) -> sp.csr_matrix:
     """Store shard k's current training interactions as ``shards/<k>/data.npz``; returns the matrix."""
     m = shard_train_matrix(run, k)
@@ -227,9 +239,9 @@ def train_shard(
         data = load_shard_data(run, k)
     else:
         data = load_partition(run).shard_matrix(inter.train, k)
-    overrides = {**cfg.model_overrides, "seed": cfg.seed + k}
+    overrides = {**SHARD_DEFAULTS.get(cfg.model, {}), **cfg.model_overrides, "seed": cfg.seed + k}
     model = build_model(cfg.model, inter.n_users, inter.n_items, **model_config(cfg.model, inter.name, overrides))
-    fit = model.fit(data, inter.valid)
+    fit = model.fit(data, shard_validation(inter.valid, data) if cfg.shard_valid == "local" else inter.valid)
     model.save(run.shard_model(k))
     write_json(
         run.shard_fit(k),

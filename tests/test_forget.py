@@ -17,10 +17,11 @@ from dagster import instance_for_test
 
 from dagster_project.orchestrate import graph_status, run_graph
 from dagster_project.unlearn import ledger_for, unlearn_pending
+from pipelines.config import SHARD_DEFAULTS
 from pipelines.forget import ForgetError, check_request, read_request_file
 from pipelines.ledger import Ledger, NewRequest
 from pipelines.retrain import model_config
-from pipelines.steps import RunDir, load_interactions, load_partition, load_serving, shard_stack
+from pipelines.steps import RunDir, load_interactions, load_partition, load_serving, shard_stack, shard_validation
 from pipelines.tracking import MemoryTracker
 from receraser_core.aggregate import AGGREGATORS
 from receraser_core.data.readers import PROJECT_ROOT
@@ -110,13 +111,9 @@ def test_forgetting_is_exact(tmp_path: Path, model: str) -> None:
         # the retrained shard equals a model trained from scratch on the shard's remaining data, same seed
         part = load_partition(run)
         remaining = part.shard_matrix(inter.train, 1)
-        fresh = build_model(
-            cfg.model,
-            inter.n_users,
-            inter.n_items,
-            **model_config(cfg.model, inter.name, {**cfg.model_overrides, "seed": cfg.seed + 1}),
-        )
-        fresh.fit(remaining, inter.valid)
+        overrides = {**SHARD_DEFAULTS.get(cfg.model, {}), **cfg.model_overrides, "seed": cfg.seed + 1}
+        fresh = build_model(cfg.model, inter.n_users, inter.n_items, **model_config(cfg.model, inter.name, overrides))
+        fresh.fit(remaining, shard_validation(inter.valid, remaining))
         stored = load_model(run.shard_model(1))
         assert all(torch.equal(stored.params[n], fresh.params[n]) for n in fresh.params)
         # and so does the aggregator, retrained from its seeded initialisation on the remaining data

@@ -149,3 +149,14 @@ def test_absent_users_get_no_attention_and_no_mean_weight() -> None:
     mean = AGGREGATORS["mean"](stack, AggConfig())
     s = mean.score(torch.tensor([1]))  # user 1 only in shard 0: its mean is shard 0's score alone
     assert torch.allclose(s, stack.users[0, [1]] @ stack.items[0].t())
+
+
+def test_shard_validation_keeps_pairs_inside_the_shard() -> None:
+    from pipelines.steps import shard_validation
+    from receraser_core.data.interactions import pairs_to_csr
+
+    shard = pairs_to_csr(np.array([0, 0, 1]), np.array([0, 1, 2]), 3, 4)
+    valid = pairs_to_csr(np.array([0, 1, 1, 2]), np.array([2, 0, 3, 0]), 3, 4)
+    got = shard_validation(valid, shard)
+    # (0, 2): user 0 and item 2 both in the shard; (1, 0) too; (1, 3): item 3 absent; (2, 0): user 2 absent
+    assert sorted(zip(*got.nonzero(), strict=True)) == [(0, 2), (1, 0)]
