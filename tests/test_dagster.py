@@ -70,8 +70,11 @@ def test_definitions_load() -> None:
         "aggregator",
         "evaluation",
         "retrain_model",
+        "deletion_requests",
     }
     assert defs.resolve_job_def("__ASSET_JOB") is not None
+    assert defs.resolve_job_def("unlearn_job") is not None
+    assert defs.resolve_sensor_def("deletion_sensor").default_status.value == "RUNNING"
     node = graph.get(AssetKey("shard_model"))
     assert node.partitions_def.get_partition_keys() == [str(k) for k in range(K)]
     assert graph.get(AssetKey("aggregator")).partitions_def is None
