@@ -12,8 +12,8 @@ from receraser_core.data.interactions import DataError
 from receraser_core.models.base import ConfigError
 
 EPILOG = """\
-datasets: ml-1m (the RecEraser authors' split), ml-1m-full (all of ML-1M, seeded 80/20 + 10%% validation),
-yelp2018 (LightGCN's split, seeded 10%% of train as validation), csv:PATH, parquet:PATH (your own table).
+datasets: ml-1m (the RecEraser authors' split), ml-1m-full (all of ML-1M, seeded 80/20 + 10% validation),
+yelp2018 (LightGCN's split, seeded 10% of train as validation), csv:PATH, parquet:PATH (your own table).
 Data is read from $RECERASER_DATA_DIR, else ../shared/data beside the checkout, else ~/.cache/receraser/data.
 """
 
