@@ -26,6 +26,9 @@ from pipelines.tracking import Tracker
 from receraser_core.data.interactions import csr_fingerprint
 
 GROUP = "receraser"
+#: Every asset's code version carries the pipeline configuration: changing the dataset, model, partitioner,
+#: K, seeds or overrides makes the whole graph stale (each configuration has its own run directory).
+CONFIG = PIPELINE.fingerprint()[:12]
 
 
 def _hash_arrays(*arrays: Any) -> str:
@@ -74,7 +77,7 @@ def _params(rec: ReceraserResource, **extra: Any) -> dict[str, Any]:
     }
 
 
-@asset(group_name=GROUP, code_version=f"interactions-{PIPELINE.dataset}-{PIPELINE.split_seed}")
+@asset(group_name=GROUP, code_version=f"interactions-{CONFIG}")
 def interactions(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """The dataset, id-mapped and split into train / valid / test (minus applied deletions)."""
     run = receraser.run_dir()
@@ -92,7 +95,7 @@ def interactions(context: AssetExecutionContext, receraser: ReceraserResource) -
     )
 
 
-@asset(group_name=GROUP, deps=[interactions], code_version=f"wmf-{PIPELINE.seed}")
+@asset(group_name=GROUP, deps=[interactions], code_version=f"wmf-{CONFIG}")
 def wmf_embeddings(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """Pretrained WMF user and item vectors, used only to partition."""
     run = receraser.run_dir()
@@ -110,7 +113,7 @@ def wmf_embeddings(context: AssetExecutionContext, receraser: ReceraserResource)
 @asset(
     group_name=GROUP,
     deps=[wmf_embeddings],
-    code_version=f"partition-{PIPELINE.partitioner}-{PIPELINE.n_shards}-{PIPELINE.seed}",
+    code_version=f"partition-{CONFIG}",
 )
 def shard_assignment(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """Shard id of every training interaction, with partition diagnostics."""
@@ -132,7 +135,7 @@ def shard_assignment(context: AssetExecutionContext, receraser: ReceraserResourc
     )
 
 
-@asset(group_name=GROUP, deps=[shard_assignment], partitions_def=shard_partitions)
+@asset(group_name=GROUP, deps=[shard_assignment], partitions_def=shard_partitions, code_version=CONFIG)
 def shard_data(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """Shard k's training interactions (every deletion in shard k already removed)."""
     k = int(context.partition_key)
@@ -144,7 +147,7 @@ def shard_data(context: AssetExecutionContext, receraser: ReceraserResource) -> 
     )
 
 
-@asset(group_name=GROUP, deps=[shard_data], partitions_def=shard_partitions)
+@asset(group_name=GROUP, deps=[shard_data], partitions_def=shard_partitions, code_version=CONFIG)
 def shard_model(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -174,7 +177,7 @@ def shard_model(
     )
 
 
-@asset(group_name=GROUP, deps=[shard_model])
+@asset(group_name=GROUP, deps=[shard_model], code_version=CONFIG)
 def aggregator(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -203,7 +206,7 @@ def aggregator(
     )
 
 
-@asset(group_name=GROUP, deps=[aggregator])
+@asset(group_name=GROUP, deps=[aggregator], code_version=CONFIG)
 def evaluation(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -221,7 +224,7 @@ def evaluation(
     return MaterializeResult(metadata={k: float(v) for k, v in metrics.items()})
 
 
-@asset(group_name=GROUP, deps=[interactions])
+@asset(group_name=GROUP, deps=[interactions], code_version=CONFIG)
 def retrain_model(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:

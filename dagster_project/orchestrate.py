@@ -21,6 +21,7 @@ from dagster._core.loader import LoadingContext
 from dagster_project.assets import ASSETS
 from dagster_project.partitions import shard_partitions
 from dagster_project.resources import ReceraserResource
+from pipelines.steps import RunDir
 from pipelines.tracking import Tracker
 
 PARTITIONED = {"shard_data", "shard_model"}
@@ -99,7 +100,26 @@ def _dagster_status(instance: DagsterInstance, resolver: Any, asset: str, partit
     return "stale" if resolver.get_status(key, partition) == StaleStatus.STALE else "fresh"
 
 
-def graph_status(instance: DagsterInstance, include_retrain: bool = False) -> dict[str, str]:
+def _files(run: RunDir | None, name: str, part: str | None) -> bool:
+    """Whether the run directory still holds what the asset (partition) produced; True when not checked."""
+    if run is None:
+        return True
+    paths = {
+        "interactions": run.interactions,
+        "wmf_embeddings": run.embeddings,
+        "shard_assignment": run.assignment,
+        "aggregator": run.aggregator,
+        "evaluation": run.evaluation,
+        "retrain_model": run.root / "retrain",
+    }
+    if name == "shard_data":
+        return run.shard_data(int(str(part))).exists()
+    if name == "shard_model":
+        return run.shard_model(int(str(part))).exists()
+    return paths[name].exists()
+
+
+def graph_status(instance: DagsterInstance, include_retrain: bool = False, run: RunDir | None = None) -> dict[str, str]:
     """'missing', 'stale' or 'fresh' for every asset of the graph, partitions as ``shard_model[3]``.
 
     Dagster marks an asset stale only when a *direct* input has a new data version (one hop); here staleness
@@ -115,6 +135,8 @@ def graph_status(instance: DagsterInstance, include_retrain: bool = False) -> di
         for part in parts:
             label = f"{name}[{part}]" if part is not None else name
             state = _dagster_status(instance, resolver, name, part)
+            if state != "missing" and not _files(run, name, part):
+                state = "missing"  # recorded by Dagster, but the run directory lost it (or never had it)
             if state == "fresh":
                 parents = [f"{p}[{part}]" if p in PARTITIONED and part is not None else p for p in PARENTS[name]]
                 parents = [
@@ -128,10 +150,10 @@ def graph_status(instance: DagsterInstance, include_retrain: bool = False) -> di
     return out
 
 
-def status(instance: DagsterInstance, asset: str, partition: str | None = None) -> str:
+def status(instance: DagsterInstance, asset: str, partition: str | None = None, run: RunDir | None = None) -> str:
     """'missing', 'stale' (transitively) or 'fresh' for one asset (partition)."""
     label = f"{asset}[{partition}]" if partition is not None else asset
-    return graph_status(instance, include_retrain=asset == "retrain_model")[label]
+    return graph_status(instance, include_retrain=asset == "retrain_model", run=run)[label]
 
 
 @dataclass(frozen=True)
@@ -280,11 +302,12 @@ def run_graph(
     remaining (redacted) data, which lifts the limit of DESIGN.md section 3.6 at the cost of a full retrain."""
     if rebuild:
         return materialize_target(instance, Target("interactions", None, True), rec, tracker, workers, log=log)
-    if all(v == "fresh" for v in graph_status(instance).values()):
+    run = rec.run_dir()
+    if all(v == "fresh" for v in graph_status(instance, run=run).values()):
         log("everything is up to date: nothing to materialize")
         return []
 
     def needed(asset: str, partition: str | None) -> bool:
-        return status(instance, asset, partition) != "fresh"
+        return status(instance, asset, partition, run=run) != "fresh"
 
     return materialize_target(instance, Target("interactions", None, True), rec, tracker, workers, needed, log=log)

@@ -105,8 +105,8 @@ def cmd_assets(args: argparse.Namespace) -> int:
     apply_pipeline_env(args)
     from dagster_project.orchestrate import graph_status
 
-    instance, _, _ = _context()
-    state = graph_status(instance, include_retrain=True)
+    instance, rec, _ = _context()
+    state = graph_status(instance, include_retrain=True, run=rec.run_dir())
     if args.json:
         print(json.dumps(state, indent=2))
     else:

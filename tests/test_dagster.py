@@ -239,3 +239,18 @@ def test_cli_run_is_idempotent_and_native_dagster_cli_works(tmp_path: Path) -> N
     shard_run = next(r for r in runs if r.info.run_name == "shard_model[1]")
     assert shard_run.data.tags["partition"] == "1" and "dagster_run_id" in shard_run.data.tags
     assert "best_valid_recall_at_10" in shard_run.data.metrics
+
+
+def test_a_new_configuration_is_built_not_reported_fresh(tmp_path: Path) -> None:
+    """Dagster's records belong to asset keys, not configurations: a run directory that lacks the files is
+    treated as missing, so switching configuration rebuilds instead of claiming 'nothing to do'."""
+    tracker = MemoryTracker()
+    first = _resource(tmp_path)
+    second = ReceraserResource(**{**first.model_dump(), "seed": 7})
+    assert first.run_dir().root != second.run_dir().root
+    with instance_for_test() as instance:
+        run_graph(instance, first, tracker, log=lambda _: None)
+        assert run_graph(instance, second, tracker, log=lambda _: None)  # runs were made
+        assert second.run_dir().evaluation.exists()
+        assert set(graph_status(instance, run=second.run_dir()).values()) == {"fresh"}
+        assert run_graph(instance, second, tracker, log=lambda _: None) == []
