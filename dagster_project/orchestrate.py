@@ -119,6 +119,17 @@ def _files(run: RunDir | None, name: str, part: str | None) -> bool:
     return paths[name].exists()
 
 
+def _parent_labels(name: str, part: str | None, keys: Sequence[str]) -> list[str]:
+    """Labels of an asset's inputs: the same shard for shard -> shard, every shard for shard -> unpartitioned."""
+    labels: list[str] = []
+    for parent in PARENTS[name]:
+        if parent not in PARTITIONED:
+            labels.append(parent)
+        else:
+            labels += [f"{parent}[{k}]" for k in ([part] if part is not None else keys)]
+    return labels
+
+
 def graph_status(instance: DagsterInstance, include_retrain: bool = False, run: RunDir | None = None) -> dict[str, str]:
     """'missing', 'stale' or 'fresh' for every asset of the graph, partitions as ``shard_model[3]``.
 
@@ -137,15 +148,8 @@ def graph_status(instance: DagsterInstance, include_retrain: bool = False, run: 
             state = _dagster_status(instance, resolver, name, part)
             if state != "missing" and not _files(run, name, part):
                 state = "missing"  # recorded by Dagster, but the run directory lost it (or never had it)
-            if state == "fresh":
-                parents = [f"{p}[{part}]" if p in PARTITIONED and part is not None else p for p in PARENTS[name]]
-                parents = [
-                    q
-                    for p in parents
-                    for q in ([f"{p}[{k}]" for k in keys] if p in PARTITIONED and "[" not in p else [p])
-                ]
-                if any(out.get(p, "fresh") != "fresh" for p in parents):
-                    state = "stale"
+            if state == "fresh" and any(out.get(p, "fresh") != "fresh" for p in _parent_labels(name, part, keys)):
+                state = "stale"
             out[label] = state
     return out
 
@@ -193,11 +197,9 @@ def selection_names(target: Target) -> list[str]:
     """Asset names the target covers, in graph order (downstream means all descendants)."""
     if not target.downstream:
         return [target.asset]
-    sel = AssetSelection.assets(target.asset).downstream()
-    keys = sel.resolve(_graph())
-    names = {k.path[-1] for k in keys} - {"retrain_model"} if target.asset != "retrain_model" else {"retrain_model"}
-    if target.asset == "interactions":
-        names.discard("retrain_model")
+    names = {k.path[-1] for k in AssetSelection.assets(target.asset).downstream().resolve(_graph())}
+    if target.asset != "retrain_model":
+        names.discard("retrain_model")  # the on-demand baseline never rides along with the main graph
     return [n for n in ORDER if n in names]
 
 
@@ -246,25 +248,32 @@ def materialize_target(
     rec: ReceraserResource,
     tracker: Tracker,
     workers: int = 1,
-    only: Callable[[str, str | None], bool] | None = None,
+    statuses: Callable[[], dict[str, str]] | None = None,
     tags: dict[str, str] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[str]:
     """Materialize a target: partitioned assets one run per shard (in parallel processes when ``workers`` > 1),
-    then the unpartitioned ones in one run. ``only(asset, partition)`` can skip fresh pieces. Returns run ids."""
+    then the unpartitioned ones in one run. With ``statuses`` (a `graph_status` snapshot taken before each
+    stage), pieces that are fresh are skipped. Returns run ids."""
     names = selection_names(target)
     upstream = [n for n in names if n not in PARTITIONED and ORDER.index(n) < ORDER.index("shard_data")]
     parted = [n for n in names if n in PARTITIONED]
     downstream = [n for n in names if n not in PARTITIONED and n not in upstream]
     runs: list[str] = []
-    if only is not None:
-        upstream = [n for n in upstream if only(n, None)]
+
+    def todo(labels: list[str]) -> list[str]:
+        if statuses is None:
+            return labels
+        state = statuses()
+        return [label for label in labels if state.get(label, "missing") != "fresh"]
+
+    upstream = todo(upstream)
     if upstream:
         log(f"materializing {', '.join(upstream)}")
         runs.append(materialize_names(instance, upstream, rec, tracker, tags=tags))
     keys = list(target.partitions or shard_partitions.get_partition_keys()) if parted else []
-    if only is not None:
-        keys = [k for k in keys if any(only(n, k) for n in parted)]
+    stale_parts = set(todo([f"{n}[{k}]" for n in parted for k in keys]))
+    keys = [k for k in keys if any(f"{n}[{k}]" in stale_parts for n in parted)]
     if keys and workers > 1:
         log(f"materializing {'+'.join(parted)} for shards {', '.join(keys)} in {workers} processes")
         prepare = getattr(tracker, "prepare", None)
@@ -279,8 +288,7 @@ def materialize_target(
         for k in keys:
             log(f"materializing {'+'.join(parted)} for shard {k}")
             runs.append(materialize_names(instance, parted, rec, tracker, partition=k, tags=tags))
-    if only is not None:
-        downstream = [n for n in downstream if only(n, None)]
+    downstream = todo(downstream)
     if downstream:
         log(f"materializing {', '.join(downstream)}")
         runs.append(materialize_names(instance, downstream, rec, tracker, tags=tags))
@@ -307,7 +315,12 @@ def run_graph(
         log("everything is up to date: nothing to materialize")
         return []
 
-    def needed(asset: str, partition: str | None) -> bool:
-        return status(instance, asset, partition, run=run) != "fresh"
-
-    return materialize_target(instance, Target("interactions", None, True), rec, tracker, workers, needed, log=log)
+    return materialize_target(
+        instance,
+        Target("interactions", None, True),
+        rec,
+        tracker,
+        workers,
+        statuses=lambda: graph_status(instance, run=run),
+        log=log,
+    )

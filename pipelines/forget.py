@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from pipelines.ledger import Ledger, NewRequest, Request
-from pipelines.steps import RunDir, _atomic, _save_npz, load_interactions, save_interactions
+from pipelines.steps import RunDir, _atomic, _save_npz, assignment_matches, load_interactions, save_interactions
 from receraser_core.data.interactions import DataError, Interactions, csr_fingerprint, pairs_to_csr
 
 
@@ -84,6 +85,18 @@ def read_request_file(path: Path) -> list[NewRequest]:
     return out
 
 
+def _without(train: sp.csr_matrix, positions: np.ndarray) -> sp.csr_matrix:
+    """``train`` minus the stored entries at ``positions`` (row-major CSR order)."""
+    keep = np.ones(train.nnz, dtype=bool)
+    keep[positions] = False
+    coo = train.tocoo()  # row-major order == CSR order
+    return pairs_to_csr(coo.row[keep], coo.col[keep], *train.shape)
+
+
+def _all_positions(by_request: dict[int, np.ndarray]) -> np.ndarray:
+    return np.unique(np.concatenate([p for p in by_request.values()] or [np.zeros(0, np.int64)]))
+
+
 def _positions(inter: Interactions, requests: Sequence[Request]) -> dict[int, np.ndarray]:
     by_request: dict[int, np.ndarray] = {}
     for req in requests:
@@ -112,7 +125,7 @@ def locate(run: RunDir, requests: Sequence[Request]) -> Located:
     with np.load(run.assignment) as z:
         assignment = z["assignment"]
     by_request = _positions(inter, requests)
-    positions = np.unique(np.concatenate([p for p in by_request.values()] or [np.zeros(0, np.int64)]))
+    positions = _all_positions(by_request)
     return Located(positions, assignment[positions], by_request)
 
 
@@ -121,11 +134,8 @@ def redact(run: RunDir, positions: np.ndarray) -> Interactions:
     inter = load_interactions(run.interactions)
     with np.load(run.assignment) as z:
         assignment = z["assignment"]
-    keep = np.ones(inter.train.nnz, dtype=bool)
-    keep[positions] = False
-    coo = inter.train.tocoo()  # row-major order == CSR order
-    train = pairs_to_csr(coo.row[keep], coo.col[keep], *inter.train.shape)
-    new_assignment = assignment[keep]
+    train = _without(inter.train, positions)
+    new_assignment = np.delete(assignment, positions)
     fp = csr_fingerprint(train)
     _atomic(run.assignment, lambda p: _save_npz(p, assignment=new_assignment, train_fingerprint=np.array(fp)))
     redacted = inter.with_train(train)
@@ -138,12 +148,7 @@ def finish_interrupted_redaction(run: RunDir, requests: Sequence[Request]) -> bo
     if check_consistent(run):
         return False
     inter = load_interactions(run.interactions)
-    by_request = _positions(inter, requests)
-    positions = np.unique(np.concatenate([p for p in by_request.values()] or [np.zeros(0, np.int64)]))
-    keep = np.ones(inter.train.nnz, dtype=bool)
-    keep[positions] = False
-    coo = inter.train.tocoo()
-    train = pairs_to_csr(coo.row[keep], coo.col[keep], *inter.train.shape)
+    train = _without(inter.train, _all_positions(_positions(inter, requests)))
     with np.load(run.assignment) as z:
         expected = str(z["train_fingerprint"]) if "train_fingerprint" in z else ""
     if csr_fingerprint(train) != expected:
@@ -157,23 +162,16 @@ def finish_interrupted_redaction(run: RunDir, requests: Sequence[Request]) -> bo
 
 def check_consistent(run: RunDir) -> bool:
     """True when the shard assignment belongs to the stored training matrix."""
-    inter = load_interactions(run.interactions)
-    with np.load(run.assignment) as z:
-        if "train_fingerprint" not in z:
-            return len(z["assignment"]) == inter.train.nnz
-        return str(z["train_fingerprint"]) == csr_fingerprint(inter.train)
+    return assignment_matches(run, load_interactions(run.interactions).train)
 
 
 def reapply_ledger(run: RunDir, ledger: Ledger) -> Interactions:
     """Remove from a freshly prepared interactions store every record of applied (or applying) requests."""
     inter = load_interactions(run.interactions)
     done = ledger.get(statuses=["applied", "applying"])
-    positions = np.unique(np.concatenate([p for p in _positions(inter, done).values()] or [np.zeros(0, np.int64)]))
+    positions = _all_positions(_positions(inter, done))
     if len(positions) == 0:
         return inter
-    keep = np.ones(inter.train.nnz, dtype=bool)
-    keep[positions] = False
-    coo = inter.train.tocoo()
-    redacted = inter.with_train(pairs_to_csr(coo.row[keep], coo.col[keep], *inter.train.shape))
+    redacted = inter.with_train(_without(inter.train, positions))
     save_interactions(run.interactions, redacted)
     return redacted

@@ -164,13 +164,22 @@ def partition(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> Partition:
     return Partition(part.method, part.n_shards, part.assignment, diag)
 
 
-def load_partition(run: RunDir) -> Partition:
+def assignment_matches(run: RunDir, train: sp.csr_matrix) -> bool:
+    """True when the stored shard assignment belongs to ``train`` (its recorded fingerprint, else its length)."""
+    with np.load(run.assignment) as z:
+        if "train_fingerprint" not in z:
+            return len(z["assignment"]) == train.nnz
+        return str(z["train_fingerprint"]) == csr_fingerprint(train)
+
+
+def load_partition(run: RunDir, inter: Interactions | None = None) -> Partition:
+    """The stored partition, checked against the stored (or given) interactions."""
     if not run.assignment.exists():
         raise DataError(f"{run.assignment}: missing; run `partition` first")
     with np.load(run.assignment) as z:
         assignment = z["assignment"]
-        fingerprint = str(z["train_fingerprint"]) if "train_fingerprint" in z else None
-    if fingerprint is not None and fingerprint != csr_fingerprint(load_interactions(run.interactions).train):
+    train = (inter if inter is not None else load_interactions(run.interactions)).train
+    if not assignment_matches(run, train):
         raise DataError(
             f"{run.assignment}: belongs to another training matrix (an interrupted redaction); "
             "run `receraser unlearn` to finish it"
@@ -182,7 +191,7 @@ def load_partition(run: RunDir) -> Partition:
 def shard_train_matrix(run: RunDir, k: int) -> sp.csr_matrix:
     """Shard k's training interactions (full id space). Only these reach the shard's model."""
     inter = load_interactions(run.interactions)
-    return load_partition(run).shard_matrix(inter.train, k)
+    return load_partition(run, inter).shard_matrix(inter.train, k)
 
 
 def shard_validation(valid: sp.csr_matrix, shard: sp.csr_matrix) -> sp.csr_matrix:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from receraser_core.metrics import evaluate
-from receraser_core.models.base import positive_pairs, sample_negatives
+from receraser_core.models.base import bpr_triples
 from receraser_core.models.bpr import bpr_loss
 from receraser_core.models.lightgcn import normalized_adjacency, propagate, to_torch_csr
 from receraser_core.models.wmf import wmf_loss
@@ -116,22 +115,14 @@ class Aggregator(torch.nn.Module):
             u, i = self.full_embeddings()
             return u[users] @ i.t()
 
-    def frozen_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            u, i = self.full_embeddings()
-        return u.detach(), i.detach()
-
     # -- training -----------------------------------------------------------------------------------
     def _epoch(self, train: sp.csr_matrix, opt: torch.optim.Optimizer, rng: np.random.Generator) -> float:
         cfg = self.config
         if cfg.loss == "wmf":
             return self._wmf_epoch(train, opt, rng)
-        users, items = positive_pairs(train)
-        order = rng.permutation(len(users))
-        negs = torch.from_numpy(sample_negatives(train, users[order], rng))
-        u_all, i_all = torch.from_numpy(users[order]), torch.from_numpy(items[order])
+        u_all, i_all, negs = bpr_triples(train, rng, torch.device("cpu"))
         total = 0.0
-        for start in range(0, len(order), cfg.batch_size):
+        for start in range(0, len(u_all), cfg.batch_size):
             u, i, j = (t[start : start + cfg.batch_size] for t in (u_all, i_all, negs))
             if cfg.loss == "lightgcn":
                 eu_all, ei_all = self.full_embeddings()
@@ -145,7 +136,7 @@ class Aggregator(torch.nn.Module):
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(u)
-        return total / max(len(order), 1)
+        return total / max(len(u_all), 1)
 
     def _wmf_epoch(self, train: sp.csr_matrix, opt: torch.optim.Optimizer, rng: np.random.Generator) -> float:
         n_users, n_items = train.shape
@@ -208,6 +199,3 @@ class Aggregator(torch.nn.Module):
         result.best_valid_recall = best
         result.seconds = time.perf_counter() - t0
         return result
-
-    def export(self) -> dict[str, Any]:
-        return {"name": self.name, "config": self.config.__dict__, "state": self.state_dict()}

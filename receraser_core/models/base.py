@@ -10,7 +10,6 @@ Exact unlearning depends on one rule enforced here: ``fit`` reads nothing but it
 
 from __future__ import annotations
 
-import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from receraser_core.data.interactions import csr_to_pairs
 from receraser_core.metrics import evaluate
 
 EpochLog = dict[str, float]
@@ -190,9 +190,6 @@ class Recommender(ABC):
         model.params = {k: v.to(model.device) for k, v in state["params"].items()}
         return model
 
-    def describe(self) -> str:
-        return json.dumps({"model": self.name, **asdict(self.config)}, sort_keys=True)
-
 
 def _check_matrix(m: sp.csr_matrix, shape: tuple[int, int], what: str) -> sp.csr_matrix:
     if not sp.issparse(m):
@@ -212,7 +209,8 @@ def sample_negatives(
     Only ``train`` is consulted: a shard model's negatives depend on nothing outside its shard.
     """
     n_items = train.shape[1]
-    keys = np.repeat(np.arange(train.shape[0], dtype=np.int64), np.diff(train.indptr)) * n_items + train.indices
+    rows, cols = csr_to_pairs(train)
+    keys = rows * n_items + cols
     # keys are sorted because CSR rows are in order and column indices are sorted
     neg = rng.integers(0, n_items, size=len(users), dtype=np.int64)
     if len(keys) == 0:
@@ -230,7 +228,13 @@ def sample_negatives(
     raise ValueError("could not sample negatives: some users have interacted with (almost) every item")
 
 
-def positive_pairs(train: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """(users, items) int64 arrays of the training interactions."""
-    users = np.repeat(np.arange(train.shape[0], dtype=np.int64), np.diff(train.indptr))
-    return users, train.indices.astype(np.int64)
+def bpr_triples(
+    train: sp.csr_matrix, rng: np.random.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One epoch of BPR triples in a seeded random order: (users, positive items, negative items), each (nnz,).
+
+    Used by BPR, LightGCN and the aggregators; negatives come from ``train`` alone (`sample_negatives`)."""
+    users, items = csr_to_pairs(train)
+    order = rng.permutation(len(users))
+    negs = sample_negatives(train, users[order], rng)
+    return tuple(torch.from_numpy(a).to(device) for a in (users[order], items[order], negs))  # type: ignore[return-value]

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from receraser_core.models.base import BaseConfig, ConfigError, Recommender, positive_pairs, sample_negatives
+from receraser_core.models.base import BaseConfig, ConfigError, Recommender, bpr_triples
 
 
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -56,18 +56,12 @@ class BPR(Recommender):
         for p in self.params.values():
             p.requires_grad_(True)
         self._opt = torch.optim.Adam(list(self.params.values()), lr=self.config.lr)
-        self._pairs = positive_pairs(train)
 
     def _train_epoch(self, train: sp.csr_matrix, epoch: int, rng: np.random.Generator) -> float:
         cfg = self.config
-        users, items = self._pairs
-        order = rng.permutation(len(users))
-        negs = sample_negatives(train, users[order], rng)
-        u_all = torch.from_numpy(users[order]).to(self.device)
-        i_all = torch.from_numpy(items[order]).to(self.device)
-        j_all = torch.from_numpy(negs).to(self.device)
+        u_all, i_all, j_all = bpr_triples(train, rng, self.device)
         total, n = 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
+        for start in range(0, len(u_all), cfg.batch_size):
             u = self.params["user"][u_all[start : start + cfg.batch_size]]  # (b, d)
             qi = self.params["item"][i_all[start : start + cfg.batch_size]]
             qj = self.params["item"][j_all[start : start + cfg.batch_size]]

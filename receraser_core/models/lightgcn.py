@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from receraser_core.models.base import BaseConfig, ConfigError, Recommender, positive_pairs, sample_negatives
+from receraser_core.models.base import BaseConfig, ConfigError, Recommender, bpr_triples
 from receraser_core.models.bpr import bpr_loss
 
 
@@ -102,7 +102,6 @@ class LightGCN(Recommender):
         self.params = {"embedding": e0.to(self.device).requires_grad_(True)}
         self._opt = torch.optim.Adam([self.params["embedding"]], lr=self.config.lr)
         self.set_graph(train)
-        self._pairs = positive_pairs(train)
 
     def set_graph(self, train: sp.csr_matrix) -> None:
         """Use the graph of ``train`` for propagation (its own training data, or the full graph)."""
@@ -110,15 +109,11 @@ class LightGCN(Recommender):
 
     def _train_epoch(self, train: sp.csr_matrix, epoch: int, rng: np.random.Generator) -> float:
         cfg = self.config
-        users, items = self._pairs
-        order = rng.permutation(len(users))
-        negs = sample_negatives(train, users[order], rng)
-        u_all = torch.from_numpy(users[order]).to(self.device)
-        i_all = torch.from_numpy(items[order] + self.n_users).to(self.device)
-        j_all = torch.from_numpy(negs + self.n_users).to(self.device)
+        u_all, i_all, j_all = bpr_triples(train, rng, self.device)
+        i_all, j_all = i_all + self.n_users, j_all + self.n_users  # item rows follow the user rows
         e0 = self.params["embedding"]
         total, n = 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
+        for start in range(0, len(u_all), cfg.batch_size):
             u, i, j = (t[start : start + cfg.batch_size] for t in (u_all, i_all, j_all))
             e = propagate(self._adj, e0, cfg.layers)  # (n_users + n_items, d)
             loss = bpr_loss((e[u] * e[i]).sum(-1), (e[u] * e[j]).sum(-1))

@@ -96,9 +96,6 @@ def greedy_balanced_assign(dist: np.ndarray, capacity: int) -> np.ndarray:
     return assigned
 
 
-AnchorUpdate = Callable[[np.ndarray], np.ndarray]
-
-
 def balanced_kmeans(
     distances: Callable[[np.ndarray], np.ndarray],
     init_anchors: np.ndarray,
