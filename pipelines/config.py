@@ -14,7 +14,7 @@ from receraser_core.partition import PARTITIONERS
 
 #: Aggregator training defaults per base model (chosen on ML-1M validation; see docs/results.md).
 AGG_DEFAULTS: dict[str, dict[str, Any]] = {
-    "wmf": {"loss": "wmf", "lr": 0.02, "reg": 10.0, "epochs": 30, "patience": 3},
+    "wmf": {"loss": "wmf", "lr": 0.02, "reg": 10.0, "epochs": 20, "patience": 2},
     "bpr": {"loss": "bpr", "lr": 0.02, "reg": 1e-2, "epochs": 30, "patience": 3},
     "lightgcn": {"loss": "lightgcn", "lr": 0.01, "reg": 1e-3, "epochs": 30, "patience": 3},
 }

@@ -361,7 +361,7 @@ def load_serving(run: RunDir) -> tuple[Aggregator, sp.csr_matrix]:
         raise DataError(f"{run.serving}: no model has been built yet; run `receraser run` first")
     state = torch.load(run.serving, map_location="cpu", weights_only=False)
     cfg = PipelineConfig.from_dict(state["config"])
-    agg = AGGREGATORS[cfg.aggregator](ShardStack(**state["stack"]), cfg.agg_config())
+    agg = AGGREGATORS[cfg.aggregator](ShardStack.restore(state["stack"]), cfg.agg_config())
     agg.load_state_dict(state["state"])
     if state["graph"] is not None:
         agg.set_graph(state["graph"])

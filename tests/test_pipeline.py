@@ -140,7 +140,9 @@ def test_absent_users_get_no_attention_and_no_mean_weight() -> None:
     items = torch.randn(2, 5, d)
     present_u = torch.tensor([[True, True, False], [True, False, True]])
     present_i = torch.ones(2, 5, dtype=torch.bool)
-    stack = ShardStack(users * present_u[..., None], items, present_u, present_i)
+    stack = ShardStack.restore(
+        {"users": users * present_u[..., None], "items": items, "user_mask": present_u, "item_mask": present_i}
+    )
     att = AGGREGATORS["attention"](stack, AggConfig())
     with torch.no_grad():
         e2 = att.user_embed(torch.tensor([2]))  # user 2 is only in shard 1
@@ -149,6 +151,55 @@ def test_absent_users_get_no_attention_and_no_mean_weight() -> None:
     mean = AGGREGATORS["mean"](stack, AggConfig())
     s = mean.score(torch.tensor([1]))  # user 1 only in shard 0: its mean is shard 0's score alone
     assert torch.allclose(s, stack.users[0, [1]] @ stack.items[0].t())
+
+
+def _random_rotation(d: int, g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def test_aligned_start_undoes_each_shards_rotation() -> None:
+    from receraser_core.aggregate.attention import align_rotations
+
+    g = torch.Generator().manual_seed(3)
+    d, k_shards, n_u, n_i = 6, 3, 40, 30
+    base_u, base_i = torch.randn(n_u, d, generator=g), torch.randn(n_i, d, generator=g)
+    rots = [_random_rotation(d, g) for _ in range(k_shards)]
+    um = torch.rand(k_shards, n_u, generator=g) < 0.7  # each shard sees a different subset
+    im = torch.rand(k_shards, n_i, generator=g) < 0.7
+    users = torch.stack([base_u @ q for q in rots]) * um[..., None]
+    items = torch.stack([base_i @ q for q in rots]) * im[..., None]
+    stack = ShardStack(users, items, um, im, um.float(), im.float())
+    r = align_rotations(stack)
+    eye = torch.eye(d).expand(k_shards, d, d)
+    assert torch.allclose(r.transpose(1, 2) @ r, eye, atol=1e-5)  # orthogonal: each shard's own scores kept
+    aligned = torch.bmm(users, r)
+    for k in range(1, k_shards):  # after alignment the shards agree wherever both are present
+        both = um[0] & um[k]
+        assert torch.allclose(aligned[0][both], aligned[k][both], atol=1e-4)
+    # without the alignment they do not
+    both = um[0] & um[1]
+    assert not torch.allclose(users[0][both], users[1][both], atol=1e-1)
+
+
+def test_count_prior_weights_shards_by_interactions_at_start() -> None:
+    d = 4
+    g = torch.Generator().manual_seed(0)
+    users, items = torch.randn(2, 1, d, generator=g), torch.randn(2, 2, d, generator=g)
+    ones = torch.ones(2, 1, dtype=torch.bool)
+    counts = torch.tensor([[1.0], [3.0]])  # the user has 1 interaction in shard 0 and 3 in shard 1
+    stack = ShardStack(users, items, ones, torch.ones(2, 2, dtype=torch.bool), counts, torch.ones(2, 2))
+    att = AGGREGATORS["attention"](stack, AggConfig(align_init=False))
+    with torch.no_grad():
+        att.user_att.mlp[2].weight.zero_()  # silence the learned part: only the prior is left
+        att.user_att.mlp[2].bias.zero_()
+        x = att._transfer(stack.users[:, [0]])
+        assert torch.allclose(att.user_embed(torch.tensor([0])), 0.25 * x[0] + 0.75 * x[1], atol=1e-6)
+        no_prior = AGGREGATORS["attention"](stack, AggConfig(align_init=False, count_prior=False))
+        no_prior.user_att.mlp[2].weight.zero_()
+        no_prior.user_att.mlp[2].bias.zero_()
+        x = no_prior._transfer(stack.users[:, [0]])
+        assert torch.allclose(no_prior.user_embed(torch.tensor([0])), 0.5 * x[0] + 0.5 * x[1], atol=1e-6)
 
 
 def test_shard_validation_keeps_pairs_inside_the_shard() -> None:

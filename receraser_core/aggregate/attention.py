@@ -3,13 +3,31 @@
 Each shard's embedding is first transferred into a common space, then weighted by attention:
 
     ê_u^k = W_k e_u^k + b_k                                       (transfer, W_k d x d)
-    a_u^k = h_u^T ReLU(W_u ê_u^k + c_u),   α_u = softmax_k(a_u)    (user attention, d -> 32 -> 1)
+    a_u^k = h_u^T ReLU(W_u ê_u^k + c_u) [+ γ_u log n_u^k],  α_u = softmax_k(a_u)    (user attention, d -> 32 -> 1)
     e_u   = sum_k α_u^k ê_u^k
 
-and likewise for items with a separate attention MLP (W_i, c_i, h_i). Shards where the user (item) has no
-interaction are masked out of the softmax. For LightGCN the aggregated vectors are layer-0 embeddings that
-are then propagated over the full remaining graph. Submodels are frozen; only W_k, b_k and the attention
-MLPs train, with the base model's own loss.
+and likewise for items with a separate attention MLP (W_i, c_i, h_i, γ_i). Shards where the user (item) has
+no interaction are masked out of the softmax. For LightGCN the aggregated vectors are layer-0 embeddings that
+are then propagated over the full remaining graph. Submodels are frozen; only W_k, b_k, the attention MLPs
+(and γ) train, with the base model's own loss.
+
+Two additions to the paper, both on by default and both switchable off (``AggConfig.align_init``,
+``AggConfig.count_prior``) to get the paper's exact form:
+
+* **Aligned start** (``align_init``). Every shard model starts from its own random initialisation, so shard
+  spaces differ by an arbitrary rotation, and a sum of near-identity transfers mixes unrelated coordinates.
+  W_k starts at the orthogonal map that best aligns shard k with the consensus of all shards (generalised
+  Procrustes over the users and items the shards share). A rotation leaves shard k's own scores
+  e_u^k · e_i^k unchanged. It is computed from the frozen shard embeddings only, so it depends on nothing
+  outside the remaining training data, and unlearning stays exact.
+* **Count prior** (``count_prior``). n_u^k is the number of the user's training interactions in shard k. At
+  γ = 1 the starting weights are proportional to n_u^k: a shard that saw one interaction of a user is not
+  trusted as much as one that saw a hundred. This matters most for BPR and LightGCN, whose vectors for rarely
+  seen users and items are mostly noise (Adam moves them as far as frequent ones), where WMF's ridge shrinks
+  them towards zero. γ is learned.
+
+Measured on ML-1M (K = 10, InBP, WMF shards): the aligned start with the count prior reaches validation
+Recall@10 0.139 after 4 epochs instead of 17, and stops on a slightly better model (see docs/results.md).
 """
 
 from __future__ import annotations
@@ -19,15 +37,40 @@ import torch
 from receraser_core.aggregate.base import AggConfig, Aggregator, ShardStack
 
 
+def align_rotations(stack: ShardStack, iters: int = 5) -> torch.Tensor:
+    """Orthogonal R_k (K, d, d) such that the stacked shard embeddings E_k R_k agree as well as rotations allow
+    (generalised Procrustes over users and items, each compared only where present). Deterministic."""
+    emb = torch.cat([stack.users, stack.items], 1).double()  # (K, n, d)
+    mask = torch.cat([stack.user_mask, stack.item_mask], 1)  # (K, n)
+    k_shards, _, d = emb.shape
+    weight = mask.double().unsqueeze(-1)
+    start = int(torch.argmax(mask.sum(1)))  # the shard that covers the most users and items
+    ref, ref_mask = emb[start].clone(), mask[start].clone()
+    rot = torch.eye(d, dtype=torch.float64).expand(k_shards, d, d).clone()
+    for _ in range(iters):
+        for k in range(k_shards):
+            both = mask[k] & ref_mask
+            if int(both.sum()) == 0:
+                continue  # nothing shared with the consensus: keep the identity
+            u, _, vt = torch.linalg.svd(emb[k][both].t() @ ref[both])
+            rot[k] = u @ vt
+        ref = (torch.bmm(emb, rot) * weight).sum(0) / weight.sum(0).clamp(min=1.0)
+        ref_mask = mask.any(0)
+    return rot.float()
+
+
 class _Attention(torch.nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, count_prior: bool) -> None:
         super().__init__()
         self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+        self.gamma = torch.nn.Parameter(torch.ones(())) if count_prior else None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (K, b, d) transferred embeddings, mask (K, b) -> combined (b, d)."""
-        logits = self.mlp(x).squeeze(-1).masked_fill(~mask, float("-inf"))  # (K, b)
-        alpha = torch.softmax(logits, dim=0).nan_to_num(0.0)  # all-masked columns -> zero vector
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """x (K, b, d) transferred embeddings, mask and count (K, b) -> combined (b, d)."""
+        logits = self.mlp(x).squeeze(-1)  # (K, b)
+        if self.gamma is not None:
+            logits = logits + self.gamma * torch.log(count.clamp(min=1.0))
+        alpha = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=0).nan_to_num(0.0)  # all masked -> 0
         return (alpha.unsqueeze(-1) * x).sum(0)
 
 
@@ -38,18 +81,20 @@ class AttentionAggregator(Aggregator):
         super().__init__(stack, config)
         g = torch.Generator().manual_seed(config.seed)
         k, d = stack.n_shards, stack.dim
-        eye = torch.eye(d).expand(k, d, d).clone()
-        self.transfer_w = torch.nn.Parameter(eye + 0.01 * torch.randn(k, d, d, generator=g))  # near identity
+        start = align_rotations(stack).transpose(1, 2) if config.align_init else torch.eye(d).expand(k, d, d)
+        self.transfer_w = torch.nn.Parameter(start + 0.01 * torch.randn(k, d, d, generator=g))
         self.transfer_b = torch.nn.Parameter(torch.zeros(k, 1, d))
         torch.manual_seed(config.seed)
-        self.user_att = _Attention(d, config.attention_dim)
-        self.item_att = _Attention(d, config.attention_dim)
+        self.user_att = _Attention(d, config.attention_dim, config.count_prior)
+        self.item_att = _Attention(d, config.attention_dim, config.count_prior)
 
     def _transfer(self, e: torch.Tensor) -> torch.Tensor:  # (K, b, d) -> (K, b, d)
         return torch.bmm(e, self.transfer_w.transpose(1, 2)) + self.transfer_b
 
     def user_embed(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.user_att(self._transfer(self.stack.users[:, idx]), self.stack.user_mask[:, idx])
+        s = self.stack
+        return self.user_att(self._transfer(s.users[:, idx]), s.user_mask[:, idx], s.user_count[:, idx])
 
     def item_embed(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.item_att(self._transfer(self.stack.items[:, idx]), self.stack.item_mask[:, idx])
+        s = self.stack
+        return self.item_att(self._transfer(s.items[:, idx]), s.item_mask[:, idx], s.item_count[:, idx])

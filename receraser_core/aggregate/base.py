@@ -25,23 +25,40 @@ from receraser_core.models.wmf import wmf_loss
 
 @dataclass(frozen=True)
 class ShardStack:
-    """Frozen per-shard embeddings: users (K, n_users, d), items (K, n_items, d), presence masks (K, n)."""
+    """Frozen per-shard embeddings: users (K, n_users, d), items (K, n_items, d), presence masks (K, n) and
+    interaction counts (K, n: how many training interactions of the user / item each shard holds)."""
 
     users: torch.Tensor
     items: torch.Tensor
     user_mask: torch.Tensor
     item_mask: torch.Tensor
+    user_count: torch.Tensor
+    item_count: torch.Tensor
+
+    @classmethod
+    def restore(cls, fields: dict[str, torch.Tensor]) -> ShardStack:
+        """From a stored ``__dict__``; snapshots written before counts were kept count 1 wherever present."""
+        return cls(
+            **{
+                "user_count": fields["user_mask"].float(),
+                "item_count": fields["item_mask"].float(),
+                **fields,
+            }
+        )
 
     @classmethod
     def build(
         cls, embeddings: list[tuple[torch.Tensor, torch.Tensor]], shard_matrices: list[sp.csr_matrix]
     ) -> ShardStack:
         """From each shard's (user, item) embeddings and its training matrix (for presence)."""
-        um = torch.stack([torch.from_numpy(np.diff(m.indptr) > 0) for m in shard_matrices])
-        im = torch.stack([torch.from_numpy(np.bincount(m.indices, minlength=m.shape[1]) > 0) for m in shard_matrices])
+        uc = torch.stack([torch.from_numpy(np.diff(m.indptr).astype(np.float32)) for m in shard_matrices])
+        ic = torch.stack(
+            [torch.from_numpy(np.bincount(m.indices, minlength=m.shape[1]).astype(np.float32)) for m in shard_matrices]
+        )
+        um, im = uc > 0, ic > 0
         users = torch.stack([u.detach().float().cpu() for u, _ in embeddings]) * um.unsqueeze(-1)
         items = torch.stack([i.detach().float().cpu() for _, i in embeddings]) * im.unsqueeze(-1)
-        return cls(users, items, um, im)
+        return cls(users, items, um, im, uc, ic)
 
     @property
     def n_shards(self) -> int:
@@ -64,6 +81,8 @@ class AggConfig:
     weight_decay: float = 0.0
     reg: float = 0.0  # L2 on the aggregated embeddings of the batch, as in the base model's loss
     attention_dim: int = 32
+    align_init: bool = True  # attention only: start W_k at the rotation aligning shard k with the others
+    count_prior: bool = True  # attention only: add gamma * log(interactions in shard) to the attention logits
     c0: float = 0.2  # wmf loss only
     layers: int = 3  # lightgcn only
     seed: int = 0
@@ -121,10 +140,12 @@ class Aggregator(torch.nn.Module):
         if cfg.loss == "wmf":
             return self._wmf_epoch(train, opt, rng)
         u_all, i_all, negs = bpr_triples(train, rng, torch.device("cpu"))
+        # a batch larger than the catalogue is cheaper to embed as "everyone once, then index"
+        embed_all = cfg.loss == "lightgcn" or 3 * cfg.batch_size >= sum(train.shape)
         total = 0.0
         for start in range(0, len(u_all), cfg.batch_size):
             u, i, j = (t[start : start + cfg.batch_size] for t in (u_all, i_all, negs))
-            if cfg.loss == "lightgcn":
+            if embed_all:
                 eu_all, ei_all = self.full_embeddings()
                 eu, ei, ej = eu_all[u], ei_all[i], ei_all[j]
             else:
