@@ -43,5 +43,28 @@ def test_report_from_json(tmp_path: Path) -> None:
     text = path.read_text()
     assert "| wmf | receraser | 0.2313 | 0.3000 | 0.2254 | 0.3253 |" in text
     assert "| wmf | ubp |" in text and "| wmf | 20 |" in text
+    quality = {"recall@20": 0.23}
+    unlearning = {
+        "model": "bpr",
+        "requests": 5,
+        "batch": 1,
+        "unlearning_seconds_mean": 40.0,
+        "unlearning_seconds_median": 39.0,
+        "unlearning_seconds_p95": 45.0,
+        "breakdown_mean_seconds": {
+            "shard_training": 20.0,
+            "aggregator_training": 15.0,
+            "evaluation": 1.5,
+            "dagster_and_io_overhead": 3.5,
+        },
+        "retrain_seconds": 400.0,
+        "speedup_mean": 10.0,
+        "quality_before": quality,
+        "quality_after": quality,
+        "retrain_quality_on_remaining": quality,
+    }
+    (res / "unlearning-ml-1m-bpr.json").write_text(json.dumps(unlearning))
+    text = build_report(res, tmp_path / "docs").read_text()
+    assert "| bpr | 5 | 1 | 40.0 | 39.0 | 45.0 | 20.0 / 15.0 / 1.5 / 3.5 | 400.0 | 10.00× |" in text
     for fig in ("fig_partitioner.png", "fig_aggregator.png", "fig_shards.png"):
         assert (tmp_path / "docs" / fig).read_bytes().startswith(b"\x89PNG")
