@@ -1,7 +1,9 @@
 """The asset graph of DESIGN.md section 2. Each asset is one call into `pipelines.steps`; the steps own
 their files in the run directory, so assets return only metadata and an explicit content `DataVersion`."""
 
+import dataclasses
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -20,6 +22,7 @@ from dagster import (
 from dagster_project.partitions import PIPELINE, shard_partitions
 from dagster_project.resources import ReceraserResource, ledger_for
 from pipelines import steps
+from pipelines.config import SHARD_DEFAULTS
 from pipelines.forget import reapply_ledger
 from pipelines.retrain import model_config, retrain
 from pipelines.tracking import Tracker
@@ -29,6 +32,18 @@ GROUP = "receraser"
 #: Every asset's code version carries the pipeline configuration: changing the dataset, model, partitioner,
 #: K, seeds or overrides makes the whole graph stale (each configuration has its own run directory).
 CONFIG = PIPELINE.fingerprint()[:12]
+
+
+def _settings_hash(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+#: ...and the resolved training settings (the code's defaults included), so that a release that changes a
+#: default (say, the aggregator's epochs) marks the affected assets stale instead of reporting old models fresh.
+_SHARD_OVERRIDES = {**SHARD_DEFAULTS.get(PIPELINE.model, {}), **PIPELINE.model_overrides}
+SHARD_SETTINGS = _settings_hash(model_config(PIPELINE.model, PIPELINE.dataset, _SHARD_OVERRIDES))
+AGG_SETTINGS = _settings_hash(dataclasses.asdict(PIPELINE.agg_config()))
+RETRAIN_SETTINGS = _settings_hash(model_config(PIPELINE.model, PIPELINE.dataset, PIPELINE.model_overrides))
 
 
 def _hash_arrays(*arrays: Any) -> str:
@@ -147,7 +162,7 @@ def shard_data(context: AssetExecutionContext, receraser: ReceraserResource) -> 
     )
 
 
-@asset(group_name=GROUP, deps=[shard_data], partitions_def=shard_partitions, code_version=CONFIG)
+@asset(group_name=GROUP, deps=[shard_data], partitions_def=shard_partitions, code_version=f"{CONFIG}-m{SHARD_SETTINGS}")
 def shard_model(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -177,7 +192,7 @@ def shard_model(
     )
 
 
-@asset(group_name=GROUP, deps=[shard_model], code_version=CONFIG)
+@asset(group_name=GROUP, deps=[shard_model], code_version=f"{CONFIG}-m{SHARD_SETTINGS}-a{AGG_SETTINGS}")
 def aggregator(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -206,7 +221,7 @@ def aggregator(
     )
 
 
-@asset(group_name=GROUP, deps=[aggregator], code_version=CONFIG)
+@asset(group_name=GROUP, deps=[aggregator], code_version=f"{CONFIG}-m{SHARD_SETTINGS}-a{AGG_SETTINGS}")
 def evaluation(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -224,7 +239,7 @@ def evaluation(
     return MaterializeResult(metadata={k: float(v) for k, v in metrics.items()})
 
 
-@asset(group_name=GROUP, deps=[interactions], code_version=CONFIG)
+@asset(group_name=GROUP, deps=[interactions], code_version=f"{CONFIG}-r{RETRAIN_SETTINGS}")
 def retrain_model(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:

@@ -15,8 +15,8 @@ from receraser_core.partition import PARTITIONERS
 #: Aggregator training defaults per base model (chosen on ML-1M validation; see docs/results.md).
 AGG_DEFAULTS: dict[str, dict[str, Any]] = {
     "wmf": {"loss": "wmf", "lr": 0.02, "reg": 10.0, "epochs": 20, "patience": 2},
-    "bpr": {"loss": "bpr", "lr": 0.02, "reg": 1e-2, "epochs": 30, "patience": 3},
-    "lightgcn": {"loss": "lightgcn", "lr": 0.01, "reg": 1e-3, "epochs": 30, "patience": 3},
+    "bpr": {"loss": "bpr", "lr": 0.02, "reg": 1e-2, "epochs": 8, "patience": 2},
+    "lightgcn": {"loss": "lightgcn", "lr": 0.01, "reg": 1e-3, "epochs": 30, "patience": 3, "batch_size": 8192},
 }
 
 #: Shard submodel overrides per base model: a shard holds ~1/K of the data, so an epoch has ~K times fewer

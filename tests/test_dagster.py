@@ -254,3 +254,30 @@ def test_a_new_configuration_is_built_not_reported_fresh(tmp_path: Path) -> None
         assert second.run_dir().evaluation.exists()
         assert set(graph_status(instance, run=second.run_dir()).values()) == {"fresh"}
         assert run_graph(instance, second, tracker, log=lambda _: None) == []
+
+
+def test_a_changed_default_changes_only_the_affected_code_versions() -> None:
+    """A release that changes an aggregator default must make `aggregator` (and `evaluation`) stale, not the
+    shard models; the configuration fingerprint (and so the run directory) stays the same."""
+    probe = (
+        "import json, sys\n"
+        "from pipelines import config\n"
+        "if sys.argv[1] == 'patched':\n"
+        "    for d in config.AGG_DEFAULTS.values(): d['epochs'] = d['epochs'] + 1\n"
+        "from dagster_project import assets as A\n"
+        "names = ('shard_model', 'aggregator', 'evaluation')\n"
+        "versions = {n: str(getattr(A, n).code_versions_by_key) for n in names}\n"
+        "print(json.dumps({'versions': versions, 'config': A.CONFIG}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    out = {}
+    for mode in ("plain", "patched"):
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, mode], env=env, capture_output=True, text=True, cwd=PROJECT_ROOT, check=True
+        )
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    plain, patched = out["plain"], out["patched"]
+    assert plain["config"] == patched["config"]  # same run directory
+    assert plain["versions"]["shard_model"] == patched["versions"]["shard_model"]
+    assert plain["versions"]["aggregator"] != patched["versions"]["aggregator"]
+    assert plain["versions"]["evaluation"] != patched["versions"]["evaluation"]
