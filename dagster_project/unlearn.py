@@ -89,12 +89,20 @@ def unlearn_pending(
         seconds["upstream"] = time.perf_counter() - t0 - seconds["redact"]
         t1 = time.perf_counter()
         for key in shard_partitions.get_partition_keys():
-            names = ["shard_data", "shard_model"] if int(key) in affected else ["shard_data"]
+            retrain = int(key) in affected
+            names = ["shard_data", "shard_model"] if retrain else ["shard_data"]
+            if retrain:
+                log(f"  retraining shard {key} ...")
+            tk = time.perf_counter()
             runs.append(materialize_names(instance, names, rec, recorder, partition=key, tags=tags))
+            if retrain:
+                log(f"  shard {key} retrained in {time.perf_counter() - tk:.1f} s")
         seconds["shards"] = time.perf_counter() - t1
         t2 = time.perf_counter()
+        log("  retraining the aggregator over all shards, then evaluating ...")
         runs.append(materialize_names(instance, ["aggregator", "evaluation"], rec, recorder, tags=tags))
         seconds["aggregator_and_evaluation"] = time.perf_counter() - t2
+        log(f"  aggregator and evaluation done in {seconds['aggregator_and_evaluation']:.1f} s")
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
         ledger.mark_failed(ids, f"{type(exc).__name__}: {exc}")
         raise
