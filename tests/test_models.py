@@ -108,6 +108,25 @@ def test_negative_sampling_avoids_the_users_positives_only() -> None:
     assert counts.min() > 0.2 * 5000  # roughly uniform over the four candidates
 
 
+def test_observed_negatives_come_from_the_training_datas_items_only() -> None:
+    # items 3 and 5 never occur in this (shard's) data: "observed" never draws them, "all" does
+    train = pairs_to_csr(np.array([0, 0, 1, 2]), np.array([0, 1, 2, 4]), 3, 6)
+    users = np.repeat(np.array([0, 1, 2]), 3000)
+    neg = sample_negatives(train, users, np.random.default_rng(0), negatives="observed")
+    assert set(neg[users == 0].tolist()) == {2, 4}
+    assert set(neg[users == 1].tolist()) == {0, 1, 4}
+    assert set(neg[users == 2].tolist()) == {0, 1, 2}
+    assert {3, 5} <= set(sample_negatives(train, users, np.random.default_rng(0)).tolist())
+    # where every item occurs in the data, both modes draw the very same samples
+    full = pairs_to_csr(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 2, 3, 4]), 3, 5)
+    a = sample_negatives(full, users, np.random.default_rng(1), negatives="observed")
+    assert np.array_equal(a, sample_negatives(full, users, np.random.default_rng(1)))
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        sample_negatives(full, users, np.random.default_rng(1), negatives="popular")
+    with pytest.raises(ConfigError, match="negatives must be one of"):
+        build_model("bpr", 3, 5, negatives="popular")
+
+
 def test_lightgcn_adjacency_is_symmetric_normalised() -> None:
     train = pairs_to_csr(np.array([0, 0, 1]), np.array([0, 1, 1]), 3, 3)  # user 2 and item 2 isolated
     adj = normalized_adjacency(train).toarray()

@@ -201,18 +201,37 @@ def _check_matrix(m: sp.csr_matrix, shape: tuple[int, int], what: str) -> sp.csr
     return m
 
 
+NEGATIVES = ("all", "observed")
+
+
 def sample_negatives(
-    train: sp.csr_matrix, users: np.ndarray, rng: np.random.Generator, max_rounds: int = 100
+    train: sp.csr_matrix,
+    users: np.ndarray,
+    rng: np.random.Generator,
+    max_rounds: int = 100,
+    negatives: str = "all",
 ) -> np.ndarray:
     """One uniform negative item per entry of ``users`` (n,), never an item the user has in ``train``.
 
-    Only ``train`` is consulted: a shard model's negatives depend on nothing outside its shard.
+    ``negatives="all"`` draws from the whole item catalogue; ``"observed"`` only from the items that occur in
+    ``train`` (for a shard model: its shard's items). Only ``train`` is consulted: a shard model's negatives
+    depend on nothing outside its shard. When every item occurs in ``train`` the two draw identical samples.
     """
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
     n_items = train.shape[1]
     rows, cols = csr_to_pairs(train)
     keys = rows * n_items + cols
     # keys are sorted because CSR rows are in order and column indices are sorted
-    neg = rng.integers(0, n_items, size=len(users), dtype=np.int64)
+    pool = np.flatnonzero(np.bincount(cols, minlength=n_items) > 0) if negatives == "observed" else None
+    if pool is not None and len(pool) in (0, n_items):
+        pool = None  # nothing observed yet, or everything: the whole catalogue
+
+    def draw(size: int) -> np.ndarray:
+        idx = rng.integers(0, n_items if pool is None else len(pool), size=size, dtype=np.int64)
+        return idx if pool is None else pool[idx]
+
+    neg = draw(len(users))
     if len(keys) == 0:
         return neg
     todo = np.arange(len(users))
@@ -224,17 +243,17 @@ def sample_negatives(
         todo = todo[clash]
         if len(todo) == 0:
             return neg
-        neg[todo] = rng.integers(0, n_items, size=len(todo), dtype=np.int64)
+        neg[todo] = draw(len(todo))
     raise ValueError("could not sample negatives: some users have interacted with (almost) every item")
 
 
 def bpr_triples(
-    train: sp.csr_matrix, rng: np.random.Generator, device: torch.device
+    train: sp.csr_matrix, rng: np.random.Generator, device: torch.device, negatives: str = "all"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One epoch of BPR triples in a seeded random order: (users, positive items, negative items), each (nnz,).
 
     Used by BPR, LightGCN and the aggregators; negatives come from ``train`` alone (`sample_negatives`)."""
     users, items = csr_to_pairs(train)
     order = rng.permutation(len(users))
-    negs = sample_negatives(train, users[order], rng)
+    negs = sample_negatives(train, users[order], rng, negatives=negatives)
     return tuple(torch.from_numpy(a).to(device) for a in (users[order], items[order], negs))  # type: ignore[return-value]

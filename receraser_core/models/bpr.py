@@ -6,7 +6,8 @@ the model is given* (a shard's model sees only its shard), and
 
     L = - sum ln σ(r_ui - r_uj) + l2 * (|p_u|^2 + |q_i|^2 + |q_j|^2),    r_ui = p_u . q_i
 
-averaged over the mini-batch, minimised with Adam.
+averaged over the mini-batch, minimised with Adam. With ``negatives="observed"`` (the shard models' default,
+`pipelines.config.SHARD_DEFAULTS`) j is drawn only among the items that occur in the model's data.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from receraser_core.models.base import BaseConfig, ConfigError, Recommender, bpr_triples
+from receraser_core.models.base import NEGATIVES, BaseConfig, ConfigError, Recommender, bpr_triples
 
 
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -35,9 +36,12 @@ class BPRConfig(BaseConfig):
     l2: float = 1e-2
     batch_size: int = 2048
     init_std: float = 0.1
+    negatives: str = "all"  # "all" items of the catalogue, or only those "observed" in the training data
 
     def validate(self) -> None:
         super().validate()
+        if self.negatives not in NEGATIVES:
+            raise ConfigError(f"negatives must be one of {', '.join(NEGATIVES)}, got {self.negatives!r}")
         if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1:
             raise ConfigError(f"need lr > 0, l2 >= 0, batch_size >= 1; got {self.lr}, {self.l2}, {self.batch_size}")
 
@@ -59,7 +63,7 @@ class BPR(Recommender):
 
     def _train_epoch(self, train: sp.csr_matrix, epoch: int, rng: np.random.Generator) -> float:
         cfg = self.config
-        u_all, i_all, j_all = bpr_triples(train, rng, self.device)
+        u_all, i_all, j_all = bpr_triples(train, rng, self.device, cfg.negatives)
         total, n = 0.0, 0
         for start in range(0, len(u_all), cfg.batch_size):
             u = self.params["user"][u_all[start : start + cfg.batch_size]]  # (b, d)
