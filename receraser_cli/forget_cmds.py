@@ -64,6 +64,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
     apply_pipeline_env(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from dagster_project.unlearn import unlearn_pending
 
     instance, rec, tracker = _context()
@@ -151,6 +153,13 @@ def add_forget_parsers(sub: argparse._SubParsersAction) -> None:
 
     u = sub.add_parser("unlearn", help="apply all outstanding requests now (retrains only the affected shards)")
     add_pipeline_arguments(u)
+    u.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default: torch's choice). Bit-identical results need the same thread count "
+        "as the build they are compared with",
+    )
     u.set_defaults(func=cmd_unlearn)
 
     s = sub.add_parser("status", help="the deletion ledger: pending / applied / failed requests and the model")
