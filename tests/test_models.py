@@ -123,8 +123,9 @@ def test_observed_negatives_come_from_the_training_datas_items_only() -> None:
     assert np.array_equal(a, sample_negatives(full, users, np.random.default_rng(1)))
     with pytest.raises(ValueError, match="negatives must be one of"):
         sample_negatives(full, users, np.random.default_rng(1), negatives="popular")
-    with pytest.raises(ConfigError, match="negatives must be one of"):
-        build_model("bpr", 3, 5, negatives="popular")
+    for name in ("bpr", "lightgcn"):
+        with pytest.raises(ConfigError, match="negatives must be one of"):
+            build_model(name, 3, 5, negatives="popular")
 
 
 def test_lightgcn_adjacency_is_symmetric_normalised() -> None:

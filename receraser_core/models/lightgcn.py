@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from receraser_core.models.base import BaseConfig, ConfigError, Recommender, bpr_triples
+from receraser_core.models.base import NEGATIVES, BaseConfig, ConfigError, Recommender, bpr_triples
 from receraser_core.models.bpr import bpr_loss
 
 
@@ -82,9 +82,12 @@ class LightGCNConfig(BaseConfig):
     l2: float = 1e-3
     batch_size: int = 8192
     init_std: float = 0.1
+    negatives: str = "all"  # "all" items of the catalogue, or only those "observed" in the training data
 
     def validate(self) -> None:
         super().validate()
+        if self.negatives not in NEGATIVES:
+            raise ConfigError(f"negatives must be one of {', '.join(NEGATIVES)}, got {self.negatives!r}")
         if self.layers < 0:
             raise ConfigError(f"layers must be >= 0, got {self.layers}")
         if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1:
@@ -109,7 +112,7 @@ class LightGCN(Recommender):
 
     def _train_epoch(self, train: sp.csr_matrix, epoch: int, rng: np.random.Generator) -> float:
         cfg = self.config
-        u_all, i_all, j_all = bpr_triples(train, rng, self.device)
+        u_all, i_all, j_all = bpr_triples(train, rng, self.device, cfg.negatives)
         i_all, j_all = i_all + self.n_users, j_all + self.n_users  # item rows follow the user rows
         e0 = self.params["embedding"]
         total, n = 0.0, 0
