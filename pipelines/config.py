@@ -24,10 +24,13 @@ AGG_DEFAULTS: dict[str, dict[str, Any]] = {
 
 #: Shard submodel overrides per base model: a shard holds ~1/K of the data, so an epoch has ~K times fewer
 #: Adam steps; BPR at the full-data lr (1e-3) barely leaves its initialisation before early stopping.
-#: BPR shards draw negatives only from the shard's own items: with InBP a user's other items mostly sit in
-#: other shards, and sampling them as negatives taught each shard to rank them low (ML-1M, K = 10: RecEraser
-#: Recall@20 0.1644 -> 0.1775 on the same shards; docs/results.md).
-SHARD_DEFAULTS: dict[str, dict[str, Any]] = {"bpr": {"lr": 5e-3, "negatives": "observed"}, "lightgcn": {"lr": 1e-2}}
+#: BPR and LightGCN shards draw negatives only from the shard's own items: with InBP a user's other items
+#: mostly sit in other shards, and sampling them as negatives taught each shard to rank them low (ML-1M,
+#: K = 10, RecEraser Recall@20: BPR 0.1644 -> 0.1782, LightGCN 0.1979 -> 0.2188; docs/results.md).
+SHARD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "bpr": {"lr": 5e-3, "negatives": "observed"},
+    "lightgcn": {"lr": 1e-2, "negatives": "observed"},
+}
 
 
 @dataclass(frozen=True)
