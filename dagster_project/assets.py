@@ -22,7 +22,6 @@ from dagster import (
 from dagster_project.partitions import PIPELINE, shard_partitions
 from dagster_project.resources import ReceraserResource, ledger_for
 from pipelines import steps
-from pipelines.config import SHARD_DEFAULTS
 from pipelines.forget import reapply_ledger
 from pipelines.retrain import model_config, retrain
 from pipelines.tracking import Tracker
@@ -40,8 +39,7 @@ def _settings_hash(values: dict[str, Any]) -> str:
 
 #: ...and the resolved training settings (the code's defaults included), so that a release that changes a
 #: default (say, the aggregator's epochs) marks the affected assets stale instead of reporting old models fresh.
-_SHARD_OVERRIDES = {**SHARD_DEFAULTS.get(PIPELINE.model, {}), **PIPELINE.model_overrides}
-SHARD_SETTINGS = _settings_hash(model_config(PIPELINE.model, PIPELINE.dataset, _SHARD_OVERRIDES))
+SHARD_SETTINGS = _settings_hash(steps.shard_model_config(PIPELINE, PIPELINE.dataset, 0))  # seeds: in CONFIG
 AGG_SETTINGS = _settings_hash(dataclasses.asdict(PIPELINE.agg_config()))
 RETRAIN_SETTINGS = _settings_hash(model_config(PIPELINE.model, PIPELINE.dataset, PIPELINE.model_overrides))
 

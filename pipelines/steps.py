@@ -222,6 +222,13 @@ def load_shard_data(run: RunDir, k: int) -> sp.csr_matrix:
         return sp.csr_matrix((np.ones(len(indices), np.float32), indices, z["indptr"]), shape=tuple(z["shape"]))
 
 
+def shard_model_config(cfg: PipelineConfig, dataset: str, k: int) -> dict[str, Any]:
+    """Shard k's model settings: the model's and dataset's defaults, the shard defaults, the user's overrides,
+    and the seed ``seed + k``."""
+    overrides = {**SHARD_DEFAULTS.get(cfg.model, {}), **cfg.model_overrides, "seed": cfg.seed + k}
+    return model_config(cfg.model, dataset, overrides)
+
+
 def _fault_injection(run: RunDir, k: int) -> None:
     """Testing hook for the crash / failure tests: ``RECERASER_FAULT_INJECTION=fail_shard`` makes shard training
     raise, ``hang_shard`` makes it write ``fault-hang-started`` in the run directory and sleep (to be killed)."""
@@ -248,8 +255,7 @@ def train_shard(
         data = load_shard_data(run, k)
     else:
         data = load_partition(run).shard_matrix(inter.train, k)
-    overrides = {**SHARD_DEFAULTS.get(cfg.model, {}), **cfg.model_overrides, "seed": cfg.seed + k}
-    model = build_model(cfg.model, inter.n_users, inter.n_items, **model_config(cfg.model, inter.name, overrides))
+    model = build_model(cfg.model, inter.n_users, inter.n_items, **shard_model_config(cfg, inter.name, k))
     fit = model.fit(data, shard_validation(inter.valid, data) if cfg.shard_valid == "local" else inter.valid)
     model.save(run.shard_model(k))
     write_json(

@@ -204,6 +204,12 @@ def _check_matrix(m: sp.csr_matrix, shape: tuple[int, int], what: str) -> sp.csr
 NEGATIVES = ("all", "observed")
 
 
+def check_negatives(negatives: str) -> None:
+    """The one check of a ``negatives`` setting (model configs and `sample_negatives`)."""
+    if negatives not in NEGATIVES:
+        raise ConfigError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
+
+
 def sample_negatives(
     train: sp.csr_matrix,
     users: np.ndarray,
@@ -217,8 +223,7 @@ def sample_negatives(
     ``train`` (for a shard model: its shard's items). Only ``train`` is consulted: a shard model's negatives
     depend on nothing outside its shard. When every item occurs in ``train`` the two draw identical samples.
     """
-    if negatives not in NEGATIVES:
-        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    check_negatives(negatives)
     n_items = train.shape[1]
     rows, cols = csr_to_pairs(train)
     keys = rows * n_items + cols

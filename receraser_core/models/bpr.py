@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from receraser_core.models.base import NEGATIVES, BaseConfig, ConfigError, Recommender, bpr_triples
+from receraser_core.models.base import BaseConfig, ConfigError, Recommender, bpr_triples, check_negatives
 
 
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -40,8 +40,7 @@ class BPRConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.negatives not in NEGATIVES:
-            raise ConfigError(f"negatives must be one of {', '.join(NEGATIVES)}, got {self.negatives!r}")
+        check_negatives(self.negatives)
         if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1:
             raise ConfigError(f"need lr > 0, l2 >= 0, batch_size >= 1; got {self.lr}, {self.l2}, {self.batch_size}")
 

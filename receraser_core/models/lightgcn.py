@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from receraser_core.models.base import NEGATIVES, BaseConfig, ConfigError, Recommender, bpr_triples
+from receraser_core.models.base import BaseConfig, ConfigError, Recommender, bpr_triples, check_negatives
 from receraser_core.models.bpr import bpr_loss
 
 
@@ -86,8 +86,7 @@ class LightGCNConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.negatives not in NEGATIVES:
-            raise ConfigError(f"negatives must be one of {', '.join(NEGATIVES)}, got {self.negatives!r}")
+        check_negatives(self.negatives)
         if self.layers < 0:
             raise ConfigError(f"layers must be >= 0, got {self.layers}")
         if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1:
