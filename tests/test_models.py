@@ -13,11 +13,11 @@ import torch
 from receraser_core.data.interactions import Interactions, pairs_to_csr
 from receraser_core.metrics import evaluate, popularity_scores
 from receraser_core.models import MODELS, ConfigError, build_model, load_model
-from receraser_core.models.base import sample_negatives
+from receraser_core.models.base import l2_penalty, sample_negatives
 from receraser_core.models.lightgcn import normalized_adjacency
 
 FAST = {
-    "bpr": {"dim": 16, "epochs": 40, "lr": 0.05, "batch_size": 64, "l2": 1e-2, "eval_every": 5},
+    "bpr": {"dim": 16, "epochs": 40, "lr": 0.05, "batch_size": 64, "l2": 3e-2, "eval_every": 5},
     "wmf": {"dim": 16, "epochs": 8, "reg": 2.0, "c0": 0.2},
     "lightgcn": {"dim": 16, "epochs": 40, "lr": 0.05, "batch_size": 128, "l2": 1e-4, "eval_every": 5},
 }
@@ -126,6 +126,25 @@ def test_observed_negatives_come_from_the_training_datas_items_only() -> None:
     for name in ("bpr", "lightgcn"):
         with pytest.raises(ConfigError, match="negatives must be one of"):
             build_model(name, 3, 5, negatives="popular")
+
+
+def test_l2_per_row_counts_each_distinct_row_once() -> None:
+    table = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    idx = torch.tensor([1, 1, 1, 0])  # row 1 (norm^2 4) three times, row 0 (norm^2 1) once
+    assert float(l2_penalty(4, "occurrence", (table, idx))) == (3 * 4 + 1) / 4
+    assert float(l2_penalty(4, "row", (table, idx))) == (4 + 1) / 4
+    # two lookups into different tables add up; row 2 is never touched
+    assert float(l2_penalty(2, "row", (table, idx), (table * 2, torch.tensor([0, 0])))) == (5 + 4) / 2
+    for name in ("bpr", "lightgcn"):
+        with pytest.raises(ConfigError, match="l2_per must be one of"):
+            build_model(name, 3, 5, l2_per="unique")
+        # the two modes train different models from the same seed (the penalty really is applied)
+        data = pairs_to_csr(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 3]), 3, 5)
+        a = build_model(name, 3, 5, dim=4, epochs=3, batch_size=4, l2=0.5, lr=0.05, l2_per="occurrence")
+        b = build_model(name, 3, 5, dim=4, epochs=3, batch_size=4, l2=0.5, lr=0.05, l2_per="row")
+        a.fit(data)
+        b.fit(data)
+        assert not torch.equal(a.embeddings()[1], b.embeddings()[1]), name
 
 
 def test_lightgcn_adjacency_is_symmetric_normalised() -> None:

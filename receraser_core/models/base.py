@@ -202,6 +202,38 @@ def _check_matrix(m: sp.csr_matrix, shape: tuple[int, int], what: str) -> sp.csr
 
 
 NEGATIVES = ("all", "observed")
+L2_MODES = ("occurrence", "row")
+
+
+def check_l2_mode(mode: str) -> None:
+    """The one check of an ``l2_per`` setting (BPR and LightGCN)."""
+    if mode not in L2_MODES:
+        raise ConfigError(f"l2_per must be one of {', '.join(L2_MODES)}, got {mode!r}")
+
+
+def check_lr_decay(decay: float) -> None:
+    if not 0 < decay <= 1:
+        raise ConfigError(f"lr_decay must be in (0, 1], got {decay}")
+
+
+def set_epoch_lr(opt: torch.optim.Optimizer, lr: float, decay: float, epoch: int) -> None:
+    """Learning rate of epoch ``epoch`` (1-based): ``lr * decay ** (epoch - 1)``."""
+    for group in opt.param_groups:
+        group["lr"] = lr * decay ** (epoch - 1)
+
+
+def l2_penalty(batch_size: int, mode: str, *lookups: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Squared-norm penalty of the embedding rows a mini-batch touches, divided by ``batch_size``.
+
+    Each lookup is (table, row indices). ``mode="occurrence"`` counts a row once per time the batch uses it
+    (the usual per-sample L2: a popular item is shrunk in proportion to its frequency); ``"row"`` counts each
+    distinct row once per batch, so rare and popular rows are shrunk alike whenever they are trained.
+    """
+    total = torch.zeros((), dtype=lookups[0][0].dtype, device=lookups[0][0].device)
+    for table, idx in lookups:
+        rows = torch.unique(idx) if mode == "row" else idx
+        total = total + table[rows].square().sum()
+    return total / batch_size
 
 
 def check_negatives(negatives: str) -> None:

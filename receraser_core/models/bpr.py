@@ -4,9 +4,14 @@ Rendle et al., "BPR: Bayesian Personalized Ranking from Implicit Feedback" (UAI 
 (u, i) one negative j is drawn uniformly from the items u has not interacted with *in the training data
 the model is given* (a shard's model sees only its shard), and
 
-    L = - sum ln σ(r_ui - r_uj) + l2 * (|p_u|^2 + |q_i|^2 + |q_j|^2),    r_ui = p_u . q_i
+    L = - sum ln σ(r_ui - r_uj) + l2 * (sum_{u in B} |p_u|^2 + sum_{i in B} |q_i|^2),    r_ui = p_u . q_i
 
-averaged over the mini-batch, minimised with Adam. With ``negatives="observed"`` (the shard models' default,
+divided by the mini-batch size, minimised with Adam (learning rate ``lr * lr_decay ** (epoch - 1)``). By default
+(``l2_per="row"``) each distinct user and item row the batch touches is penalised once; ``"occurrence"`` is
+the common per-sample form, which penalises a row once per triple it appears in, so a popular item is shrunk
+in proportion to its frequency. On ML-1M (authors' split, validation Recall@10 at epoch 80, lr 1e-3, l2 1e-2)
+the row form reached 0.142 against 0.132, and with lr 2e-3, decay 0.98 it gives test Recall@20 0.2320 against
+0.2158 (benchmarks/results/retrain-ml-1m-bpr.json). With ``negatives="observed"`` (the shard models' default,
 `pipelines.config.SHARD_DEFAULTS`) j is drawn only among the items that occur in the model's data.
 """
 
@@ -19,7 +24,17 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from receraser_core.models.base import BaseConfig, ConfigError, Recommender, bpr_triples, check_negatives
+from receraser_core.models.base import (
+    BaseConfig,
+    ConfigError,
+    Recommender,
+    bpr_triples,
+    check_l2_mode,
+    check_lr_decay,
+    check_negatives,
+    l2_penalty,
+    set_epoch_lr,
+)
 
 
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -32,15 +47,19 @@ class BPRConfig(BaseConfig):
     epochs: int = 400
     patience: int = 5
     eval_every: int = 5
-    lr: float = 1e-3
+    lr: float = 2e-3
     l2: float = 1e-2
     batch_size: int = 2048
     init_std: float = 0.1
     negatives: str = "all"  # "all" items of the catalogue, or only those "observed" in the training data
+    l2_per: str = "row"  # penalise a row per "occurrence" in the batch, or once per distinct "row"
+    lr_decay: float = 0.98  # the learning rate of epoch e is lr * lr_decay ** (e - 1)
 
     def validate(self) -> None:
         super().validate()
         check_negatives(self.negatives)
+        check_l2_mode(self.l2_per)
+        check_lr_decay(self.lr_decay)
         if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1:
             raise ConfigError(f"need lr > 0, l2 >= 0, batch_size >= 1; got {self.lr}, {self.l2}, {self.batch_size}")
 
@@ -62,14 +81,16 @@ class BPR(Recommender):
 
     def _train_epoch(self, train: sp.csr_matrix, epoch: int, rng: np.random.Generator) -> float:
         cfg = self.config
+        set_epoch_lr(self._opt, cfg.lr, cfg.lr_decay, epoch)
         u_all, i_all, j_all = bpr_triples(train, rng, self.device, cfg.negatives)
         total, n = 0.0, 0
         for start in range(0, len(u_all), cfg.batch_size):
-            u = self.params["user"][u_all[start : start + cfg.batch_size]]  # (b, d)
-            qi = self.params["item"][i_all[start : start + cfg.batch_size]]
-            qj = self.params["item"][j_all[start : start + cfg.batch_size]]
+            ub, ib, jb = (t[start : start + cfg.batch_size] for t in (u_all, i_all, j_all))
+            u, qi, qj = self.params["user"][ub], self.params["item"][ib], self.params["item"][jb]  # (b, d)
             loss = bpr_loss((u * qi).sum(-1), (u * qj).sum(-1))
-            loss = loss + cfg.l2 * (u.square().sum() + qi.square().sum() + qj.square().sum()) / len(u)
+            loss = loss + cfg.l2 * l2_penalty(
+                len(ub), cfg.l2_per, (self.params["user"], ub), (self.params["item"], torch.cat([ib, jb]))
+            )
             self._opt.zero_grad()
             loss.backward()
             self._opt.step()

@@ -20,7 +20,17 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from receraser_core.models.base import BaseConfig, ConfigError, Recommender, bpr_triples, check_negatives
+from receraser_core.models.base import (
+    BaseConfig,
+    ConfigError,
+    Recommender,
+    bpr_triples,
+    check_l2_mode,
+    check_lr_decay,
+    check_negatives,
+    l2_penalty,
+    set_epoch_lr,
+)
 from receraser_core.models.bpr import bpr_loss
 
 
@@ -83,10 +93,14 @@ class LightGCNConfig(BaseConfig):
     batch_size: int = 8192
     init_std: float = 0.1
     negatives: str = "all"  # "all" items of the catalogue, or only those "observed" in the training data
+    l2_per: str = "row"  # penalise a row per "occurrence" in the batch, or once per distinct "row"
+    lr_decay: float = 1.0  # the learning rate of epoch e is lr * lr_decay ** (e - 1)
 
     def validate(self) -> None:
         super().validate()
         check_negatives(self.negatives)
+        check_l2_mode(self.l2_per)
+        check_lr_decay(self.lr_decay)
         if self.layers < 0:
             raise ConfigError(f"layers must be >= 0, got {self.layers}")
         if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1:
@@ -111,6 +125,7 @@ class LightGCN(Recommender):
 
     def _train_epoch(self, train: sp.csr_matrix, epoch: int, rng: np.random.Generator) -> float:
         cfg = self.config
+        set_epoch_lr(self._opt, cfg.lr, cfg.lr_decay, epoch)
         u_all, i_all, j_all = bpr_triples(train, rng, self.device, cfg.negatives)
         i_all, j_all = i_all + self.n_users, j_all + self.n_users  # item rows follow the user rows
         e0 = self.params["embedding"]
@@ -119,7 +134,7 @@ class LightGCN(Recommender):
             u, i, j = (t[start : start + cfg.batch_size] for t in (u_all, i_all, j_all))
             e = propagate(self._adj, e0, cfg.layers)  # (n_users + n_items, d)
             loss = bpr_loss((e[u] * e[i]).sum(-1), (e[u] * e[j]).sum(-1))
-            loss = loss + cfg.l2 * (e0[u].square().sum() + e0[i].square().sum() + e0[j].square().sum()) / len(u)
+            loss = loss + cfg.l2 * l2_penalty(len(u), cfg.l2_per, (e0, u), (e0, torch.cat([i, j])))
             self._opt.zero_grad()
             loss.backward()
             self._opt.step()
