@@ -18,7 +18,10 @@ AGG_DEFAULTS: dict[str, dict[str, Any]] = {
     # then, and validation moves in small noisy steps: patience 2 stopped one unlearning retrain at epoch 8
     # (Recall@20 -5%), so a fixed budget keeps both the quality and the unlearning time steady.
     "wmf": {"loss": "wmf", "lr": 0.02, "reg": 10.0, "epochs": 12, "patience": 12},
-    "bpr": {"loss": "bpr", "lr": 0.02, "reg": 1e-2, "epochs": 8, "patience": 2},
+    # BPR: large batches (11 steps per epoch on ML-1M) keep the aggregator near its aligned start and make an
+    # epoch cheap: batch 4096 -> 65536 raised RecEraser's Recall@20 from 0.1794 to 0.1998 on the same InBP
+    # shards, at a fifth of the time per epoch.
+    "bpr": {"loss": "bpr", "lr": 0.02, "reg": 1e-2, "epochs": 10, "patience": 2, "batch_size": 65536},
     "lightgcn": {"loss": "lightgcn", "lr": 0.01, "reg": 1e-3, "epochs": 30, "patience": 3, "batch_size": 8192},
 }
 
