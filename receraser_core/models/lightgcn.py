@@ -7,10 +7,11 @@ Over the bipartite user-item graph A of the training data (a shard's model: its 
 
 scores are r_ui = e_u . e_i, trained with the BPR loss (`bpr.bpr_loss`) plus l2 on the layer-0 embeddings
 of the batch: by default (``l2_per="row"``) each distinct user and item row once per batch, not once per
-triple (``"occurrence"``, LightGCN's own code), with Adam at ``lr * lr_decay ** (epoch - 1)``. On ML-1M (authors'
-split) the row form raised validation Recall@10 from 0.1382 to 0.1453 and test Recall@20 from 0.2216 to
-0.2330; the decay 0.98 then gave 0.1458 and 0.2358 (l2 2e-3 instead: 0.1452 and 0.2353). Propagation uses a custom autograd function whose backward is Â·G (Â is symmetric), which is
-several times faster on CPU than torch's generic sparse backward.
+triple (``"occurrence"``, LightGCN's own code), with Adam at ``lr * lr_decay ** (epoch - 1)``. On ML-1M
+(authors' split) the row form raised validation Recall@10 from 0.1382 to 0.1453 and test Recall@20 from
+0.2216 to 0.2330; the decay 0.98 then gave 0.1458 and 0.2358 (l2 2e-3 instead: 0.1452 and 0.2353).
+Propagation uses a custom autograd function whose backward is Â·G (Â is symmetric), which is several times
+faster on CPU than torch's generic sparse backward.
 """
 
 from __future__ import annotations
