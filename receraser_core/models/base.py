@@ -63,6 +63,32 @@ class BaseConfig:
         return cfg
 
 
+@dataclass(frozen=True)
+class PairwiseConfig(BaseConfig):
+    """Fields of the models trained with the BPR loss and Adam on sampled triples (BPR, LightGCN)."""
+
+    epochs: int = 400
+    patience: int = 5
+    eval_every: int = 5
+    lr: float = 1e-3
+    l2: float = 1e-2
+    batch_size: int = 2048
+    init_std: float = 0.1
+    negatives: str = "all"  # "all" items of the catalogue, or only those "observed" in the training data
+    l2_per: str = "row"  # penalise a row per "occurrence" in the batch, or once per distinct "row"
+    lr_decay: float = 0.98  # the learning rate of epoch e is lr * lr_decay ** (e - 1)
+
+    def validate(self) -> None:
+        super().validate()
+        check_negatives(self.negatives)
+        if self.l2_per not in L2_MODES:
+            raise ConfigError(f"l2_per must be one of {', '.join(L2_MODES)}, got {self.l2_per!r}")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1:
+            raise ConfigError(f"need lr > 0, l2 >= 0, batch_size >= 1; got {self.lr}, {self.l2}, {self.batch_size}")
+
+
 @dataclass
 class FitResult:
     """What ``fit`` did: per-evaluation history, the selected epoch and its validation score."""
@@ -203,17 +229,6 @@ def _check_matrix(m: sp.csr_matrix, shape: tuple[int, int], what: str) -> sp.csr
 
 NEGATIVES = ("all", "observed")
 L2_MODES = ("occurrence", "row")
-
-
-def check_l2_mode(mode: str) -> None:
-    """The one check of an ``l2_per`` setting (BPR and LightGCN)."""
-    if mode not in L2_MODES:
-        raise ConfigError(f"l2_per must be one of {', '.join(L2_MODES)}, got {mode!r}")
-
-
-def check_lr_decay(decay: float) -> None:
-    if not 0 < decay <= 1:
-        raise ConfigError(f"lr_decay must be in (0, 1], got {decay}")
 
 
 def set_epoch_lr(opt: torch.optim.Optimizer, lr: float, decay: float, epoch: int) -> None:

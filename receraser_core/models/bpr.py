@@ -24,17 +24,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from receraser_core.models.base import (
-    BaseConfig,
-    ConfigError,
-    Recommender,
-    bpr_triples,
-    check_l2_mode,
-    check_lr_decay,
-    check_negatives,
-    l2_penalty,
-    set_epoch_lr,
-)
+from receraser_core.models.base import PairwiseConfig, Recommender, bpr_triples, l2_penalty, set_epoch_lr
 
 
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -43,25 +33,8 @@ def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class BPRConfig(BaseConfig):
-    epochs: int = 400
-    patience: int = 5
-    eval_every: int = 5
+class BPRConfig(PairwiseConfig):
     lr: float = 2e-3
-    l2: float = 1e-2
-    batch_size: int = 2048
-    init_std: float = 0.1
-    negatives: str = "all"  # "all" items of the catalogue, or only those "observed" in the training data
-    l2_per: str = "row"  # penalise a row per "occurrence" in the batch, or once per distinct "row"
-    lr_decay: float = 0.98  # the learning rate of epoch e is lr * lr_decay ** (e - 1)
-
-    def validate(self) -> None:
-        super().validate()
-        check_negatives(self.negatives)
-        check_l2_mode(self.l2_per)
-        check_lr_decay(self.lr_decay)
-        if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1:
-            raise ConfigError(f"need lr > 0, l2 >= 0, batch_size >= 1; got {self.lr}, {self.l2}, {self.batch_size}")
 
 
 class BPR(Recommender):

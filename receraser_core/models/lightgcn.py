@@ -25,13 +25,10 @@ import scipy.sparse as sp
 import torch
 
 from receraser_core.models.base import (
-    BaseConfig,
     ConfigError,
+    PairwiseConfig,
     Recommender,
     bpr_triples,
-    check_l2_mode,
-    check_lr_decay,
-    check_negatives,
     l2_penalty,
     set_epoch_lr,
 )
@@ -87,28 +84,16 @@ def propagate(adj: torch.Tensor, e0: torch.Tensor, layers: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class LightGCNConfig(BaseConfig):
-    epochs: int = 400
-    patience: int = 5
-    eval_every: int = 5
+class LightGCNConfig(PairwiseConfig):
     layers: int = 3
     lr: float = 1e-2
     l2: float = 1e-3
     batch_size: int = 8192
-    init_std: float = 0.1
-    negatives: str = "all"  # "all" items of the catalogue, or only those "observed" in the training data
-    l2_per: str = "row"  # penalise a row per "occurrence" in the batch, or once per distinct "row"
-    lr_decay: float = 0.98  # the learning rate of epoch e is lr * lr_decay ** (e - 1)
 
     def validate(self) -> None:
         super().validate()
-        check_negatives(self.negatives)
-        check_l2_mode(self.l2_per)
-        check_lr_decay(self.lr_decay)
         if self.layers < 0:
             raise ConfigError(f"layers must be >= 0, got {self.layers}")
-        if self.lr <= 0 or self.l2 < 0 or self.batch_size < 1:
-            raise ConfigError(f"need lr > 0, l2 >= 0, batch_size >= 1; got {self.lr}, {self.l2}, {self.batch_size}")
 
 
 class LightGCN(Recommender):
