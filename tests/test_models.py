@@ -13,7 +13,7 @@ import torch
 from receraser_core.data.interactions import Interactions, pairs_to_csr
 from receraser_core.metrics import evaluate, popularity_scores
 from receraser_core.models import MODELS, ConfigError, build_model, load_model
-from receraser_core.models.base import l2_penalty, sample_negatives
+from receraser_core.models.base import bpr_triples, l2_penalty, sample_negatives
 from receraser_core.models.lightgcn import normalized_adjacency
 
 FAST = {
@@ -145,6 +145,34 @@ def test_l2_per_row_counts_each_distinct_row_once() -> None:
         a.fit(data)
         b.fit(data)
         assert not torch.equal(a.embeddings()[1], b.embeddings()[1]), name
+
+
+def test_user_sampling_weighs_every_user_alike() -> None:
+    """sampling="user": nnz triples, users uniform among those with items (one heavy user, three light ones),
+    each positive one of that user's own items, each negative none of them; "interaction": every pair once."""
+    users = np.array([0] * 40 + [1, 2, 4])
+    items = np.array(list(range(40)) + [40, 41, 42])
+    train = pairs_to_csr(users, items, 5, 50)  # user 3 has no item: never drawn
+    u, i, j = (t.numpy() for t in bpr_triples(train, np.random.default_rng(0), torch.device("cpu"), sampling="user"))
+    assert len(u) == train.nnz
+    counts = np.bincount(u, minlength=5)
+    assert counts[3] == 0 and counts[0] < 20  # interaction sampling would give user 0 40 of the 43 draws
+    dense = train.toarray()
+    assert dense[u, i].all() and not dense[u, j].any()
+    u2, i2, _ = (t.numpy() for t in bpr_triples(train, np.random.default_rng(0), torch.device("cpu")))
+    assert sorted(zip(u2, i2)) == sorted(zip(users, items))
+    same = bpr_triples(train, np.random.default_rng(0), torch.device("cpu"), sampling="user")
+    assert all(np.array_equal(a.numpy(), b) for a, b in zip(same, (u, i, j)))
+    with pytest.raises(ConfigError, match="sampling must be one of"):
+        build_model("bpr", 3, 5, sampling="users")
+    with pytest.raises(ConfigError, match="sampling must be one of"):
+        bpr_triples(train, np.random.default_rng(0), torch.device("cpu"), sampling="pairs")
+    # the two samplers train different models from the same seed
+    a = build_model("bpr", 5, 50, dim=4, epochs=2, batch_size=8, sampling="user")
+    b = build_model("bpr", 5, 50, dim=4, epochs=2, batch_size=8, sampling="interaction")
+    a.fit(train)
+    b.fit(train)
+    assert not torch.equal(a.embeddings()[0], b.embeddings()[0])
 
 
 def test_lightgcn_adjacency_is_symmetric_normalised() -> None:

@@ -85,6 +85,7 @@ class AggConfig:
     count_prior: bool = True  # attention only: add gamma * log(interactions in shard) to the attention logits
     c0: float = 0.2  # wmf loss only
     layers: int = 3  # lightgcn only
+    sampling: str = "interaction"  # bpr / lightgcn loss: triples per "interaction" or per "user" (bpr_triples)
     seed: int = 0
 
 
@@ -139,7 +140,7 @@ class Aggregator(torch.nn.Module):
         cfg = self.config
         if cfg.loss == "wmf":
             return self._wmf_epoch(train, opt, rng)
-        u_all, i_all, negs = bpr_triples(train, rng, torch.device("cpu"))
+        u_all, i_all, negs = bpr_triples(train, rng, torch.device("cpu"), sampling=cfg.sampling)
         # a batch larger than the catalogue is cheaper to embed as "everyone once, then index"
         embed_all = cfg.loss == "lightgcn" or 3 * cfg.batch_size >= sum(train.shape)
         total = 0.0

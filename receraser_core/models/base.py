@@ -77,10 +77,12 @@ class PairwiseConfig(BaseConfig):
     negatives: str = "all"  # "all" items of the catalogue, or only those "observed" in the training data
     l2_per: str = "row"  # penalise a row per "occurrence" in the batch, or once per distinct "row"
     lr_decay: float = 0.98  # the learning rate of epoch e is lr * lr_decay ** (e - 1)
+    sampling: str = "user"  # triples drawn per "user" (uniform user, then one of its items) or per "interaction"
 
     def validate(self) -> None:
         super().validate()
         check_negatives(self.negatives)
+        check_sampling(self.sampling)
         if self.l2_per not in L2_MODES:
             raise ConfigError(f"l2_per must be one of {', '.join(L2_MODES)}, got {self.l2_per!r}")
         if not 0 < self.lr_decay <= 1:
@@ -229,6 +231,7 @@ def _check_matrix(m: sp.csr_matrix, shape: tuple[int, int], what: str) -> sp.csr
 
 NEGATIVES = ("all", "observed")
 L2_MODES = ("occurrence", "row")
+SAMPLINGS = ("interaction", "user")
 
 
 def set_epoch_lr(opt: torch.optim.Optimizer, lr: float, decay: float, epoch: int) -> None:
@@ -255,6 +258,12 @@ def check_negatives(negatives: str) -> None:
     """The one check of a ``negatives`` setting (model configs and `sample_negatives`)."""
     if negatives not in NEGATIVES:
         raise ConfigError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
+
+
+def check_sampling(sampling: str) -> None:
+    """The one check of a ``sampling`` setting (model and aggregator configs, `bpr_triples`)."""
+    if sampling not in SAMPLINGS:
+        raise ConfigError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
 
 
 def sample_negatives(
@@ -300,12 +309,31 @@ def sample_negatives(
 
 
 def bpr_triples(
-    train: sp.csr_matrix, rng: np.random.Generator, device: torch.device, negatives: str = "all"
+    train: sp.csr_matrix,
+    rng: np.random.Generator,
+    device: torch.device,
+    negatives: str = "all",
+    sampling: str = "interaction",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One epoch of BPR triples in a seeded random order: (users, positive items, negative items), each (nnz,).
+    """One epoch of BPR triples (users, positive items, negative items), each (nnz,), from ``train`` alone.
 
-    Used by BPR, LightGCN and the aggregators; negatives come from ``train`` alone (`sample_negatives`)."""
-    users, items = csr_to_pairs(train)
-    order = rng.permutation(len(users))
-    negs = sample_negatives(train, users[order], rng, negatives=negatives)
-    return tuple(torch.from_numpy(a).to(device) for a in (users[order], items[order], negs))  # type: ignore[return-value]
+    ``sampling="interaction"``: every training pair once, in a seeded random order, so a user weighs in
+    proportion to their number of items. ``"user"``: nnz draws of a uniform user among those with at least one
+    item in ``train``, each with one of that user's items drawn uniformly (the sampler of the RecEraser and
+    LightGCN authors' code): every user weighs the same, as in the user-averaged Recall and NDCG. Negatives come
+    from `sample_negatives`. Used by BPR, LightGCN and the aggregators.
+    """
+    check_sampling(sampling)
+    if sampling == "user":
+        degree = np.diff(train.indptr)
+        active = np.flatnonzero(degree)
+        users = active[rng.integers(0, len(active), size=train.nnz)] if len(active) else active
+        offsets = (rng.random(len(users)) * degree[users]).astype(np.int64)
+        items = train.indices[train.indptr[users] + offsets].astype(np.int64)
+        users = users.astype(np.int64)
+    else:
+        users, items = csr_to_pairs(train)
+        order = rng.permutation(len(users))
+        users, items = users[order], items[order]
+    negs = sample_negatives(train, users, rng, negatives=negatives)
+    return tuple(torch.from_numpy(a).to(device) for a in (users, items, negs))  # type: ignore[return-value]

@@ -7,9 +7,11 @@ Over the bipartite user-item graph A of the training data (a shard's model: its 
 
 scores are r_ui = e_u . e_i, trained with the BPR loss (`bpr.bpr_loss`) plus l2 on the layer-0 embeddings
 of the batch: by default (``l2_per="row"``) each distinct user and item row once per batch, not once per
-triple (``"occurrence"``, LightGCN's own code), with Adam at ``lr * lr_decay ** (epoch - 1)``. On ML-1M
-(authors' split) the row form raised validation Recall@10 from 0.1382 to 0.1453 and test Recall@20 from
-0.2216 to 0.2330; the decay 0.98 then gave 0.1458 and 0.2358 (l2 2e-3 instead: 0.1452 and 0.2353).
+triple (``"occurrence"``, LightGCN's own code), with Adam at ``lr * lr_decay ** (epoch - 1)``. Triples are
+drawn per user by default (``sampling="user"``: a uniform user, then one of its items, as in LightGCN's own
+sampler; see `base.bpr_triples`). On ML-1M (authors' split), validation Recall@10 / test Recall@20:
+per-interaction sampling with occurrence L2 0.1382 / 0.2216, with row L2 0.1453 / 0.2330, plus decay 0.98
+0.1458 / 0.2358; per-user sampling 0.1510 / 0.2447 (benchmarks/results/retrain-ml-1m-lightgcn.json).
 Propagation uses a custom autograd function whose backward is Â·G (Â is symmetric), which is several times
 faster on CPU than torch's generic sparse backward.
 """
@@ -115,7 +117,7 @@ class LightGCN(Recommender):
     def _train_epoch(self, train: sp.csr_matrix, epoch: int, rng: np.random.Generator) -> float:
         cfg = self.config
         set_epoch_lr(self._opt, cfg.lr, cfg.lr_decay, epoch)
-        u_all, i_all, j_all = bpr_triples(train, rng, self.device, cfg.negatives)
+        u_all, i_all, j_all = bpr_triples(train, rng, self.device, cfg.negatives, cfg.sampling)
         i_all, j_all = i_all + self.n_users, j_all + self.n_users  # item rows follow the user rows
         e0 = self.params["embedding"]
         total, n = 0.0, 0
