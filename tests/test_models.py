@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from receraser_core.aggregate import AggConfig
 from receraser_core.data.interactions import Interactions, pairs_to_csr
 from receraser_core.metrics import evaluate, popularity_scores
 from receraser_core.models import MODELS, ConfigError, build_model, load_model
@@ -167,6 +168,8 @@ def test_user_sampling_weighs_every_user_alike() -> None:
         build_model("bpr", 3, 5, sampling="users")
     with pytest.raises(ConfigError, match="sampling must be one of"):
         bpr_triples(train, np.random.default_rng(0), torch.device("cpu"), sampling="pairs")
+    with pytest.raises(ConfigError, match="sampling must be one of"):
+        AggConfig(sampling="pairs")
     # the two samplers train different models from the same seed
     a = build_model("bpr", 5, 50, dim=4, epochs=2, batch_size=8, sampling="user")
     b = build_model("bpr", 5, 50, dim=4, epochs=2, batch_size=8, sampling="interaction")

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from receraser_core.metrics import evaluate
-from receraser_core.models.base import bpr_triples
+from receraser_core.models.base import bpr_triples, check_sampling
 from receraser_core.models.bpr import bpr_loss
 from receraser_core.models.lightgcn import normalized_adjacency, propagate, to_torch_csr
 from receraser_core.models.wmf import wmf_loss
@@ -87,6 +87,9 @@ class AggConfig:
     layers: int = 3  # lightgcn only
     sampling: str = "interaction"  # bpr / lightgcn loss: triples per "interaction" or per "user" (bpr_triples)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_sampling(self.sampling)
 
 
 @dataclass
