@@ -161,9 +161,9 @@ def test_user_sampling_weighs_every_user_alike() -> None:
     dense = train.toarray()
     assert dense[u, i].all() and not dense[u, j].any()
     u2, i2, _ = (t.numpy() for t in bpr_triples(train, np.random.default_rng(0), torch.device("cpu")))
-    assert sorted(zip(u2, i2)) == sorted(zip(users, items))
+    assert sorted(zip(u2, i2, strict=True)) == sorted(zip(users, items, strict=True))
     same = bpr_triples(train, np.random.default_rng(0), torch.device("cpu"), sampling="user")
-    assert all(np.array_equal(a.numpy(), b) for a, b in zip(same, (u, i, j)))
+    assert all(np.array_equal(a.numpy(), b) for a, b in zip(same, (u, i, j), strict=True))
     with pytest.raises(ConfigError, match="sampling must be one of"):
         build_model("bpr", 3, 5, sampling="users")
     with pytest.raises(ConfigError, match="sampling must be one of"):
