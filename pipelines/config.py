@@ -37,14 +37,16 @@ AGG_DEFAULTS: dict[str, dict[str, Any]] = {
     # LightGCN: per-user triples and more L2, chosen on validation Recall@10 on the same user-sampled InBP
     # shards (test Recall@20 in brackets): per interaction, L2 1e-3 0.1359 (0.2206); per user: L2 1e-3 0.1388
     # (0.2236), 3e-3 0.1397 (0.2275), 6e-3 0.1410 (0.2277), 1.2e-2 at most 0.1360 in 14 epochs (unstable);
-    # 3e-3 with lr 5e-3 0.1389 (0.2256). Batch 65536 lost to 8192 earlier (0.2137 vs 0.2188).
+    # 3e-3 with lr 5e-3 0.1389 (0.2256). Then the batch, for cost (each step propagates the whole graph, so an
+    # epoch costs about its number of steps): 8192 at lr 1e-2 0.1410 at epoch 5 of 9 run (115-125 s);
+    # 32768 at lr 2e-2 0.1405 at epoch 13 of 17 (79 s, a third less); 65536 at lr 3e-2 0.1380 (55 s).
     "lightgcn": {
         "loss": "lightgcn",
-        "lr": 0.01,
+        "lr": 0.02,
         "reg": 6e-3,
         "epochs": 30,
         "patience": 3,
-        "batch_size": 8192,
+        "batch_size": 32768,
         "sampling": "user",
     },
 }
