@@ -58,7 +58,8 @@ AGG_DEFAULTS: dict[str, dict[str, Any]] = {
 #: K = 10, RecEraser Recall@20: BPR 0.1644 -> 0.1782, LightGCN 0.1979 -> 0.2188; docs/results.md).
 #: BPR and LightGCN shards keep the per-occurrence L2 and a constant learning rate: the full-data defaults (L2
 #: once per row, lr decay 0.98) lowered RecEraser's test Recall@20 on the same InBP partition (BPR 0.1782 ->
-#: 0.1731, validation 0.179 -> 0.171; LightGCN 0.2188 -> 0.2075).
+#: 0.1731, validation 0.179 -> 0.171; LightGCN 0.2188 -> 0.2075; measured with per-interaction sampling, before
+#: shards sampled per user, and not rerun since).
 SHARD_DEFAULTS: dict[str, dict[str, Any]] = {
     "bpr": {"lr": 5e-3, "negatives": "observed", "l2_per": "occurrence", "lr_decay": 1.0},
     "lightgcn": {"lr": 1e-2, "negatives": "observed", "l2_per": "occurrence", "lr_decay": 1.0},
