@@ -51,6 +51,37 @@ def test_same_seed_same_parameters(name: str, blocks: Interactions) -> None:
     assert any(not torch.equal(a.params[k], c.params[k]) for k in a.params)
 
 
+@pytest.mark.parametrize("name", ["bpr", "lightgcn"])
+@pytest.mark.parametrize("negatives", ["observed", "all"])
+def test_training_only_reachable_rows_changes_nothing(
+    name: str, negatives: str, blocks: Interactions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shard models train only the rows a triple can reach; the result must be bit-identical to training the
+    full tables, and the unreachable rows must keep their initial values."""
+    train = blocks.train.tolil()
+    train[:4] = 0  # four users without items, as users outside a shard
+    train[:, :3] = 0  # three items nobody has: unreachable when negatives are "observed"
+    train = train.tocsr()
+    train.eliminate_zeros()
+    kw = {**FAST[name], "epochs": 6, "negatives": negatives, "seed": 2}
+    compact = build_model(name, blocks.n_users, blocks.n_items, **kw)
+    compact.fit(train, blocks.valid)
+    full_rows = lambda m, _neg: (np.arange(m.shape[0]), np.arange(m.shape[1]))  # noqa: E731
+    monkeypatch.setattr(f"receraser_core.models.{name}.reachable_rows", full_rows)
+    full = build_model(name, blocks.n_users, blocks.n_items, **kw)
+    full.fit(train, blocks.valid)
+    start = build_model(name, blocks.n_users, blocks.n_items, **kw)
+    start._init_params(train, torch.Generator().manual_seed(2))
+    for key in full.params:
+        assert torch.equal(compact.params[key], full.params[key]), key
+    users = compact.params["embedding"][: blocks.n_users] if name == "lightgcn" else compact.params["user"]
+    items = compact.params["embedding"][blocks.n_users :] if name == "lightgcn" else compact.params["item"]
+    start_u = start.params["embedding"][: blocks.n_users] if name == "lightgcn" else start.params["user"]
+    start_i = start.params["embedding"][blocks.n_users :] if name == "lightgcn" else start.params["item"]
+    assert torch.equal(users[:4], start_u[:4]) and not torch.equal(users[4:], start_u[4:])
+    assert torch.equal(items[:3], start_i[:3]) == (negatives == "observed")
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_save_load_round_trip(name: str, blocks: Interactions, tmp_path: Path) -> None:
     model, _ = _fit(name, blocks, epochs=3)

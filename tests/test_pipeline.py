@@ -153,6 +153,44 @@ def test_absent_users_get_no_attention_and_no_mean_weight() -> None:
     assert torch.allclose(s, stack.users[0, [1]] @ stack.items[0].t())
 
 
+def test_packed_attention_equals_the_dense_masked_form() -> None:
+    """The aggregator transfers and attends only over present (shard, row) pairs; the result and its gradients
+    must be those of the dense form (transfer all K shard vectors, mask absent shards out of the softmax)."""
+    g = torch.Generator().manual_seed(5)
+    k, n_u, n_i, d = 4, 30, 20, 8
+    um, im = torch.rand(k, n_u, generator=g) < 0.5, torch.rand(k, n_i, generator=g) < 0.4
+    um[:, 7] = False  # a user in no shard: zeros, as in the dense form
+    uc, ic = um * torch.randint(1, 9, (k, n_u), generator=g), im * torch.randint(1, 9, (k, n_i), generator=g)
+    stack = ShardStack(
+        torch.randn(k, n_u, d, generator=g) * um[..., None],
+        torch.randn(k, n_i, d, generator=g) * im[..., None],
+        um,
+        im,
+        uc.float(),
+        ic.float(),
+    )
+    att = AGGREGATORS["attention"](stack, AggConfig())
+    idx = torch.tensor([3, 7, 0, 3, 29, 12])  # repeats and the absent user included
+    weight = torch.randn(len(idx), d, generator=g)
+
+    def grads(embed: torch.Tensor) -> dict[str, torch.Tensor]:
+        att.zero_grad()
+        (embed * weight).sum().backward()
+        return {n: p.grad.clone() for n, p in att.named_parameters() if p.grad is not None}
+
+    packed = att.user_embed(idx)
+    g_packed = grads(packed)
+    dense = att.user_att(att._transfer(stack.users[:, idx]), um[:, idx], stack.user_count[:, idx])
+    g_dense = grads(dense)
+    assert torch.allclose(packed, dense, atol=1e-6) and torch.equal(packed[1], torch.zeros(d))
+    assert set(g_packed) == set(g_dense) >= {"transfer_w", "transfer_b", "user_att.gamma", "user_att.mlp.0.weight"}
+    for name in g_dense:
+        assert torch.allclose(g_packed[name], g_dense[name], atol=1e-5), name
+    items = torch.arange(n_i)
+    dense_items = att.item_att(att._transfer(stack.items), im, stack.item_count)
+    assert torch.allclose(att.item_embed(items), dense_items, atol=1e-6)
+
+
 def _random_rotation(d: int, g: torch.Generator) -> torch.Tensor:
     q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))).float()

@@ -65,13 +65,29 @@ class _Attention(torch.nn.Module):
         self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
         self.gamma = torch.nn.Parameter(torch.ones(())) if count_prior else None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """x (K, b, d) transferred embeddings, mask and count (K, b) -> combined (b, d)."""
-        logits = self.mlp(x).squeeze(-1)  # (K, b)
+    def _logits(self, x: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        logits = self.mlp(x).squeeze(-1)
         if self.gamma is not None:
             logits = logits + self.gamma * torch.log(count.clamp(min=1.0))
+        return logits
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Dense form: x (K, b, d) transferred embeddings, mask and count (K, b) -> combined (b, d). The
+        aggregator computes the same thing packed (`packed`); this form is the readable reference."""
+        logits = self._logits(x, count)  # (K, b)
         alpha = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=0).nan_to_num(0.0)  # all masked -> 0
         return (alpha.unsqueeze(-1) * x).sum(0)
+
+    def packed(self, x: torch.Tensor, count: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """Packed form: x (P, d) transferred embeddings of the P present (shard, row) pairs, count (P,), row (P,)
+        the output row of each pair -> combined (n_rows, d); the softmax runs over each row's pairs only, and a
+        row with no pair gets zeros (as in the dense form)."""
+        logits = self._logits(x, count)  # (P,)
+        # shift by each row's maximum for stability; the shift cancels in the softmax, so it needs no gradient
+        top = torch.full((n_rows,), float("-inf")).scatter_reduce(0, row, logits.detach(), "amax")
+        w = torch.exp(logits - top[row])
+        alpha = w / torch.zeros(n_rows).index_add(0, row, w)[row]
+        return torch.zeros(n_rows, x.shape[-1]).index_add(0, row, alpha.unsqueeze(-1) * x)
 
 
 class AttentionAggregator(Aggregator):
@@ -88,13 +104,31 @@ class AttentionAggregator(Aggregator):
         self.user_att = _Attention(d, config.attention_dim, config.count_prior)
         self.item_att = _Attention(d, config.attention_dim, config.count_prior)
 
-    def _transfer(self, e: torch.Tensor) -> torch.Tensor:  # (K, b, d) -> (K, b, d)
+    def _transfer(self, e: torch.Tensor) -> torch.Tensor:  # (K, b, d) -> (K, b, d); dense reference form
         return torch.bmm(e, self.transfer_w.transpose(1, 2)) + self.transfer_b
+
+    def _combine(
+        self, emb: torch.Tensor, mask: torch.Tensor, count: torch.Tensor, idx: torch.Tensor, att: _Attention
+    ) -> torch.Tensor:
+        """Transfer and attention over the (shard, row) pairs where the row's user / item is present only.
+
+        Same function as ``att(self._transfer(emb[:, idx]), mask[:, idx], count[:, idx])`` (tested), without
+        computing the transfer and attention MLP of absent pairs, which the mask would zero anyway. On ML-1M
+        with InBP and K = 10 about half the pairs are absent (users occur in 62% of the shards, items in 31%)."""
+        shard, col = mask[:, idx].nonzero(as_tuple=True)  # sorted by shard: each shard's pairs are contiguous
+        node = idx[col]
+        x, parts, start = emb[shard, node], [], 0
+        for k, n_k in enumerate(torch.bincount(shard, minlength=self.stack.n_shards).tolist()):
+            if n_k:
+                parts.append(x[start : start + n_k] @ self.transfer_w[k].t() + self.transfer_b[k])
+            start += n_k
+        xt = torch.cat(parts) if parts else x
+        return att.packed(xt, count[shard, node], col, len(idx))
 
     def user_embed(self, idx: torch.Tensor) -> torch.Tensor:
         s = self.stack
-        return self.user_att(self._transfer(s.users[:, idx]), s.user_mask[:, idx], s.user_count[:, idx])
+        return self._combine(s.users, s.user_mask, s.user_count, idx, self.user_att)
 
     def item_embed(self, idx: torch.Tensor) -> torch.Tensor:
         s = self.stack
-        return self.item_att(self._transfer(s.items[:, idx]), s.item_mask[:, idx], s.item_count[:, idx])
+        return self._combine(s.items, s.item_mask, s.item_count, idx, self.item_att)

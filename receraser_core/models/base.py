@@ -164,6 +164,7 @@ class Recommender(ABC):
             result.epochs_run = epoch
             if epoch % cfg.eval_every and epoch != cfg.epochs:
                 continue
+            self._sync_live()
             log: EpochLog = {"epoch": float(epoch), "loss": float(loss), "seconds": time.perf_counter() - t0}
             if valid is not None and valid.nnz:
                 log["valid_recall@10"] = self.validation_recall(train, valid)
@@ -182,6 +183,32 @@ class Recommender(ABC):
         result.best_valid_recall = best if valid is not None and valid.nnz else float("nan")
         result.seconds = time.perf_counter() - t0
         return result
+
+    # -- live rows: train only the parameter rows that training can change -------------------------------
+    def _start_live(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Trainable compact copies of the given rows (sorted) of the named ``params`` tables.
+
+        A row that no training triple can reach (a user without items in ``train``; an item that is neither
+        in ``train`` nor a possible negative) keeps its initial value whatever the training does: it gets no
+        gradient, and Adam moves nothing with zero gradient history. A shard model has many such rows (ML-1M,
+        K = 10, InBP: about half), so training only the reachable rows skips work whose result is known.
+        The remaining rows see exactly the same operations in the same order (the row map is increasing), so
+        the trained parameters are bit-identical to training the full tables (tested). ``_sync_live`` copies
+        the live rows back into ``params``; ``fit`` calls it before every evaluation."""
+        self._live_rows = {k: torch.from_numpy(np.asarray(r, dtype=np.int64)).to(self.device) for k, r in rows.items()}
+        self._live_pos: dict[str, torch.Tensor] = {}
+        self._live: dict[str, torch.Tensor] = {}
+        for k, idx in self._live_rows.items():
+            pos = torch.full((len(self.params[k]),), -1, dtype=torch.int64, device=self.device)
+            pos[idx] = torch.arange(len(idx), device=self.device)
+            self._live_pos[k] = pos
+            self._live[k] = self.params[k].detach()[idx].clone().requires_grad_(True)
+        return self._live
+
+    def _sync_live(self) -> None:
+        with torch.no_grad():
+            for k, idx in getattr(self, "_live_rows", {}).items():
+                self.params[k][idx] = self._live[k].detach()
 
     def validation_recall(self, train: sp.csr_matrix, valid: sp.csr_matrix) -> float:
         with torch.no_grad():
@@ -252,6 +279,17 @@ def l2_penalty(batch_size: int, mode: str, *lookups: tuple[torch.Tensor, torch.T
         rows = torch.unique(idx) if mode == "row" else idx
         total = total + table[rows].square().sum()
     return total / batch_size
+
+
+def reachable_rows(train: sp.csr_matrix, negatives: str) -> tuple[np.ndarray, np.ndarray]:
+    """(users, items) that `bpr_triples` on ``train`` can ever draw, sorted: users with at least one item, and
+    items that are positives or possible negatives (with ``"observed"``: the items in ``train``, unless none or
+    all are, when `sample_negatives` falls back to the whole catalogue)."""
+    n_users, n_items = train.shape
+    users = np.flatnonzero(np.diff(train.indptr))
+    seen = np.flatnonzero(np.bincount(train.indices, minlength=n_items))
+    items = seen if negatives == "observed" and 0 < len(seen) < n_items else np.arange(n_items)
+    return users, items
 
 
 def check_negatives(negatives: str) -> None:

@@ -28,7 +28,14 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from receraser_core.models.base import PairwiseConfig, Recommender, bpr_triples, l2_penalty, set_epoch_lr
+from receraser_core.models.base import (
+    PairwiseConfig,
+    Recommender,
+    bpr_triples,
+    l2_penalty,
+    reachable_rows,
+    set_epoch_lr,
+)
 
 
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -52,22 +59,26 @@ class BPR(Recommender):
             "user": (torch.randn(self.n_users, self.config.dim, generator=generator) * std).to(self.device),
             "item": (torch.randn(self.n_items, self.config.dim, generator=generator) * std).to(self.device),
         }
-        for p in self.params.values():
-            p.requires_grad_(True)
-        self._opt = torch.optim.Adam(list(self.params.values()), lr=self.config.lr)
+        users, items = reachable_rows(train, self.config.negatives)
+        live = self._start_live({"user": users, "item": items})  # only these rows can move
+        self._opt = torch.optim.Adam(list(live.values()), lr=self.config.lr)
 
     def _train_epoch(self, train: sp.csr_matrix, epoch: int, rng: np.random.Generator) -> float:
         cfg = self.config
         set_epoch_lr(self._opt, cfg.lr, cfg.lr_decay, epoch)
         u_all, i_all, j_all = bpr_triples(train, rng, self.device, cfg.negatives, cfg.sampling)
+        u_all, i_all, j_all = (
+            self._live_pos["user"][u_all],
+            self._live_pos["item"][i_all],
+            self._live_pos["item"][j_all],
+        )
+        users, items = self._live["user"], self._live["item"]
         total, n = 0.0, 0
         for start in range(0, len(u_all), cfg.batch_size):
             ub, ib, jb = (t[start : start + cfg.batch_size] for t in (u_all, i_all, j_all))
-            u, qi, qj = self.params["user"][ub], self.params["item"][ib], self.params["item"][jb]  # (b, d)
+            u, qi, qj = users[ub], items[ib], items[jb]  # (b, d)
             loss = bpr_loss((u * qi).sum(-1), (u * qj).sum(-1))
-            loss = loss + cfg.l2 * l2_penalty(
-                len(ub), cfg.l2_per, (self.params["user"], ub), (self.params["item"], torch.cat([ib, jb]))
-            )
+            loss = loss + cfg.l2 * l2_penalty(len(ub), cfg.l2_per, (users, ub), (items, torch.cat([ib, jb])))
             self._opt.zero_grad()
             loss.backward()
             self._opt.step()

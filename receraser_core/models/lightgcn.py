@@ -32,6 +32,7 @@ from receraser_core.models.base import (
     Recommender,
     bpr_triples,
     l2_penalty,
+    reachable_rows,
     set_epoch_lr,
 )
 from receraser_core.models.bpr import bpr_loss
@@ -106,9 +107,16 @@ class LightGCN(Recommender):
     def _init_params(self, train: sp.csr_matrix, generator: torch.Generator) -> None:
         n = self.n_users + self.n_items
         e0 = torch.randn(n, self.config.dim, generator=generator) * self.config.init_std
-        self.params = {"embedding": e0.to(self.device).requires_grad_(True)}
-        self._opt = torch.optim.Adam([self.params["embedding"]], lr=self.config.lr)
+        self.params = {"embedding": e0.to(self.device)}
         self.set_graph(train)
+        users, items = reachable_rows(train, self.config.negatives)
+        nodes = np.concatenate([users, items + self.n_users])  # only these rows can move
+        live = self._start_live({"embedding": nodes})
+        # the graph among them: every edge of train joins two reachable nodes, and the normalisation is train's
+        sub = normalized_adjacency(train)[nodes][:, nodes].tocsr()
+        sub.sort_indices()
+        self._live_adj = to_torch_csr(sub, self.device)
+        self._opt = torch.optim.Adam([live["embedding"]], lr=self.config.lr)
 
     def set_graph(self, train: sp.csr_matrix) -> None:
         """Use the graph of ``train`` for propagation (its own training data, or the full graph)."""
@@ -118,12 +126,13 @@ class LightGCN(Recommender):
         cfg = self.config
         set_epoch_lr(self._opt, cfg.lr, cfg.lr_decay, epoch)
         u_all, i_all, j_all = bpr_triples(train, rng, self.device, cfg.negatives, cfg.sampling)
-        i_all, j_all = i_all + self.n_users, j_all + self.n_users  # item rows follow the user rows
-        e0 = self.params["embedding"]
+        pos = self._live_pos["embedding"]  # item rows follow the user rows
+        u_all, i_all, j_all = pos[u_all], pos[i_all + self.n_users], pos[j_all + self.n_users]
+        e0 = self._live["embedding"]
         total, n = 0.0, 0
         for start in range(0, len(u_all), cfg.batch_size):
             u, i, j = (t[start : start + cfg.batch_size] for t in (u_all, i_all, j_all))
-            e = propagate(self._adj, e0, cfg.layers)  # (n_users + n_items, d)
+            e = propagate(self._live_adj, e0, cfg.layers)  # (reachable nodes, d)
             loss = bpr_loss((e[u] * e[i]).sum(-1), (e[u] * e[j]).sum(-1))
             loss = loss + cfg.l2 * l2_penalty(len(u), cfg.l2_per, (e0, u), (e0, torch.cat([i, j])))
             self._opt.zero_grad()
