@@ -89,7 +89,7 @@ def retrain(
     fit_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     with torch.no_grad():
-        metrics = evaluate(model.score, inter.train, inter.test, ks=ks, device=model.device)
+        metrics = evaluate(model.scorer(), inter.train, inter.test, ks=ks, device=model.device)
     record: dict[str, Any] = {
         "dataset": inter.name,
         "model": model_name,

@@ -381,8 +381,9 @@ def evaluate_run(
     inter = load_interactions(run.interactions)
     agg = agg if agg is not None else load_aggregator(run, cfg)
     t0 = time.perf_counter()
-    test = evaluate(agg.score, inter.train, inter.test, ks=DEFAULT_KS, batch_size=256)
-    valid = evaluate(agg.score, inter.train, inter.valid, ks=(10, 20), batch_size=256)
+    score = agg.scorer()
+    test = evaluate(score, inter.train, inter.test, ks=DEFAULT_KS, batch_size=256)
+    valid = evaluate(score, inter.train, inter.valid, ks=(10, 20), batch_size=256)
     out = {
         **{k: v for k, v in test.items() if k != "users"},
         "test_users": test["users"],

@@ -134,9 +134,15 @@ class Aggregator(torch.nn.Module):
         return u, i
 
     def score(self, users: torch.Tensor) -> torch.Tensor:
+        return self.scorer()(users)
+
+    def scorer(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``score`` for many batches of users: the full embeddings (for LightGCN, a propagation over the whole
+        graph) are computed once, not once per batch. Same scores as ``score``."""
         with torch.no_grad():
             u, i = self.full_embeddings()
-            return u[users] @ i.t()
+        item_t = i.t()
+        return lambda users: u[users] @ item_t
 
     # -- training -----------------------------------------------------------------------------------
     def _epoch(self, train: sp.csr_matrix, opt: torch.optim.Optimizer, rng: np.random.Generator) -> float:
@@ -208,7 +214,7 @@ class Aggregator(torch.nn.Module):
             log = {"epoch": float(epoch), "loss": loss, "seconds": time.perf_counter() - t0}
             score = -loss
             if valid is not None and valid.nnz:
-                log["valid_recall@10"] = evaluate(self.score, train, valid, ks=(10,))["recall@10"]
+                log["valid_recall@10"] = evaluate(self.scorer(), train, valid, ks=(10,))["recall@10"]
                 score = log["valid_recall@10"]
             result.history.append(log)
             if callback:

@@ -7,6 +7,8 @@ No parameters, no training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from receraser_core.aggregate.base import Aggregator
@@ -24,6 +26,9 @@ class MeanAggregator(Aggregator):
             total += s.users[k, users] @ s.items[k].t()  # absent users / items are zero vectors
             count += s.user_mask[k, users].float()[:, None] * s.item_mask[k].float()[None, :]
         return total / count.clamp(min=1.0)
+
+    def scorer(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.score
 
     def full_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError("MeanAgg averages scores; it has no single embedding per user (use score)")

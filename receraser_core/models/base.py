@@ -134,8 +134,14 @@ class Recommender(ABC):
     # -- shared ---------------------------------------------------------------------------------------
     def score(self, users: torch.Tensor) -> torch.Tensor:
         """Scores (len(users), n_items) for a batch of internal user indices."""
+        return self.scorer()(users)
+
+    def scorer(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``score`` for many batches of users: the embeddings (for LightGCN, a propagation) are computed once,
+        not once per batch. Same scores as ``score``."""
         user_emb, item_emb = self.embeddings()
-        return user_emb[users.to(user_emb.device)] @ item_emb.t()
+        item_t = item_emb.t()
+        return lambda users: user_emb[users.to(user_emb.device)] @ item_t
 
     def fit(
         self,
@@ -212,7 +218,7 @@ class Recommender(ABC):
 
     def validation_recall(self, train: sp.csr_matrix, valid: sp.csr_matrix) -> float:
         with torch.no_grad():
-            return evaluate(self.score, train, valid, ks=(10,), device=self.device)["recall@10"]
+            return evaluate(self.scorer(), train, valid, ks=(10,), device=self.device)["recall@10"]
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.params.items()}
