@@ -291,7 +291,7 @@ def reachable_rows(train: sp.csr_matrix, negatives: str) -> tuple[np.ndarray, np
     """(users, items) that `bpr_triples` on ``train`` can ever draw, sorted: users with at least one item, and
     items that are positives or possible negatives (with ``"observed"``: the items in ``train``, unless none or
     all are, when `sample_negatives` falls back to the whole catalogue)."""
-    n_users, n_items = train.shape
+    n_items = train.shape[1]
     users = np.flatnonzero(np.diff(train.indptr))
     seen = np.flatnonzero(np.bincount(train.indices, minlength=n_items))
     items = seen if negatives == "observed" and 0 < len(seen) < n_items else np.arange(n_items)

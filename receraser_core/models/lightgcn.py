@@ -108,12 +108,13 @@ class LightGCN(Recommender):
         n = self.n_users + self.n_items
         e0 = torch.randn(n, self.config.dim, generator=generator) * self.config.init_std
         self.params = {"embedding": e0.to(self.device)}
-        self.set_graph(train)
+        adj = normalized_adjacency(train)
+        self._adj = to_torch_csr(adj, self.device)  # as set_graph(train), sharing the normalisation below
         users, items = reachable_rows(train, self.config.negatives)
         nodes = np.concatenate([users, items + self.n_users])  # only these rows can move
         live = self._start_live({"embedding": nodes})
         # the graph among them: every edge of train joins two reachable nodes, and the normalisation is train's
-        sub = normalized_adjacency(train)[nodes][:, nodes].tocsr()
+        sub = adj[nodes][:, nodes].tocsr()
         sub.sort_indices()
         self._live_adj = to_torch_csr(sub, self.device)
         self._opt = torch.optim.Adam([live["embedding"]], lr=self.config.lr)
