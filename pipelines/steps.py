@@ -354,8 +354,7 @@ def load_aggregator(run: RunDir, cfg: PipelineConfig) -> Aggregator:
     inter = load_interactions(run.interactions)
     stack = shard_stack(run, cfg, inter, load_partition(run))
     state = torch.load(run.aggregator, map_location="cpu", weights_only=False)
-    agg = AGGREGATORS[cfg.aggregator](stack, cfg.agg_config())
-    agg.load_state_dict(state["state"])
+    agg = AGGREGATORS[cfg.aggregator].restore(stack, cfg.agg_config(), state["state"])
     if agg.config.loss == "lightgcn":
         agg.set_graph(inter.train)
     return agg
@@ -367,8 +366,7 @@ def load_serving(run: RunDir) -> tuple[Aggregator, sp.csr_matrix]:
         raise DataError(f"{run.serving}: no model has been built yet; run `receraser run` first")
     state = torch.load(run.serving, map_location="cpu", weights_only=False)
     cfg = PipelineConfig.from_dict(state["config"])
-    agg = AGGREGATORS[cfg.aggregator](ShardStack.restore(state["stack"]), cfg.agg_config())
-    agg.load_state_dict(state["state"])
+    agg = AGGREGATORS[cfg.aggregator].restore(ShardStack.restore(state["stack"]), cfg.agg_config(), state["state"])
     if state["graph"] is not None:
         agg.set_graph(state["graph"])
     return agg, state["train"]

@@ -249,3 +249,34 @@ def test_shard_validation_keeps_pairs_inside_the_shard() -> None:
     got = shard_validation(valid, shard)
     # (0, 2): user 0 and item 2 both in the shard; (1, 0) too; (1, 3): item 3 absent; (2, 0): user 2 absent
     assert sorted(zip(*got.nonzero(), strict=True)) == [(0, 2), (1, 0)]
+
+
+def test_restored_aggregator_scores_like_the_saved_one_without_redoing_its_start(monkeypatch) -> None:
+    """Loading a trained aggregator (evaluation, serving) must give its exact scores; the Procrustes start
+    (``align_init``) only matters before training, so a restore must not pay for it again."""
+    g = torch.Generator().manual_seed(2)
+    k, n_u, n_i, d = 3, 12, 9, 4
+    um, im = torch.rand(k, n_u, generator=g) < 0.7, torch.rand(k, n_i, generator=g) < 0.6
+    stack = ShardStack(
+        torch.randn(k, n_u, d, generator=g) * um[..., None],
+        torch.randn(k, n_i, d, generator=g) * im[..., None],
+        um,
+        im,
+        um.float(),
+        im.float(),
+    )
+    trained = AGGREGATORS["attention"](stack, AggConfig(seed=4))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))  # any state other than a fresh start
+    import receraser_core.aggregate.attention as attention
+
+    def no_procrustes(*_: object) -> torch.Tensor:
+        raise AssertionError("align_rotations ran while restoring a trained aggregator")
+
+    monkeypatch.setattr(attention, "align_rotations", no_procrustes)
+    restored = AGGREGATORS["attention"].restore(stack, trained.config, trained.state_dict())
+    assert restored.config == trained.config  # align_init=True is still what the model was trained with
+    users = torch.arange(n_u)
+    with torch.no_grad():
+        assert torch.equal(restored.score(users), trained.score(users))
