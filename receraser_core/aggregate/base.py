@@ -8,7 +8,6 @@ Such a vector is only the submodel's random initialisation (BPR, LightGCN) or a 
 
 from __future__ import annotations
 
-
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
