@@ -3,6 +3,7 @@ shard training, and the aggregators' masking rule."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,51 @@ def test_restored_aggregator_scores_like_the_saved_one_without_redoing_its_start
     users = torch.arange(n_u)
     with torch.no_grad():
         assert torch.equal(restored.score(users), trained.score(users))
+
+
+@pytest.mark.parametrize("loss", ["bpr", "wmf"])
+def test_weight_average_is_what_the_aggregator_validates_and_keeps(loss: str) -> None:
+    """With ``ema`` the aggregator validates, selects and returns the moving average of its weights over epochs
+    (avg <- ema * avg + (1 - ema) * weights after the epoch), while training itself goes on from the raw weights."""
+    import scipy.sparse as sp
+
+    from receraser_core.metrics import evaluate
+
+    g = torch.Generator().manual_seed(3)
+    k, n_u, n_i, d = 3, 40, 30, 6
+    rng = np.random.default_rng(3)
+    block = (np.arange(n_u)[:, None] % 2) == (np.arange(n_i)[None, :] % 2)  # two communities to learn
+    draw = rng.random((n_u, n_i))
+    train = sp.csr_matrix(block & (draw < 0.5), dtype=np.float32)
+    valid = sp.csr_matrix(block & (draw >= 0.5) & (draw < 0.7), dtype=np.float32)
+    um, im = torch.rand(k, n_u, generator=g) < 0.8, torch.rand(k, n_i, generator=g) < 0.8
+    stack = ShardStack(
+        torch.randn(k, n_u, d, generator=g) * um[..., None],
+        torch.randn(k, n_i, d, generator=g) * im[..., None],
+        um,
+        im,
+        um.float(),
+        im.float(),
+    )
+    cfg = AggConfig(loss=loss, epochs=6, patience=6, lr=0.05, batch_size=256, ema=0.7, seed=1)
+    agg = AGGREGATORS["attention"](stack, cfg)
+    raw: list[dict[str, torch.Tensor]] = []
+    agg_fit = agg.fit(train, valid, callback=lambda _: raw.append({k: v.clone() for k, v in agg.state_dict().items()}))
+    averages, avg = [], None
+    for state in raw:
+        avg = state if avg is None else {k: 0.7 * avg[k] + 0.3 * state[k] for k in state}
+        averages.append(avg)
+    assert agg_fit.best_epoch > 1, agg_fit.history  # else the kept average would be one raw epoch
+    check = AGGREGATORS["attention"].restore(stack, cfg, averages[agg_fit.best_epoch - 1])
+    for name, value in agg.state_dict().items():
+        assert torch.equal(value, averages[agg_fit.best_epoch - 1][name]), name
+    assert not torch.equal(raw[-1]["transfer_w"], averages[-1]["transfer_w"])  # the average is not the last step
+    for epoch, (log, state) in enumerate(zip(agg_fit.history, averages, strict=True), start=1):
+        check.load_state_dict(state)
+        assert log["valid_recall@10"] == evaluate(check.scorer(), train, valid, ks=(10,))["recall@10"], epoch
+    plain, plain_raw = AGGREGATORS["attention"](stack, replace(cfg, ema=0.0)), []
+    plain.fit(train, valid, callback=lambda _: plain_raw.append({k: v.clone() for k, v in plain.state_dict().items()}))
+    for a, b in zip(raw, plain_raw, strict=True):  # averaging only reads the weights: training is the same
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="ema"):
+        AggConfig(ema=1.0)

@@ -8,8 +8,9 @@ Such a vector is only the submodel's random initialisation (BPR, LightGCN) or a 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -86,10 +87,14 @@ class AggConfig:
     c0: float = 0.2  # wmf loss only
     layers: int = 3  # lightgcn only
     sampling: str = "interaction"  # bpr / lightgcn loss: triples per "interaction" or per "user" (bpr_triples)
+    # > 0: validate, select and keep an average of the weights over epochs, avg <- ema * avg + (1 - ema) * new
+    ema: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_sampling(self.sampling)
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"AggConfig.ema must be in [0, 1), got {self.ema}")
 
 
 @dataclass
@@ -201,6 +206,27 @@ class Aggregator(torch.nn.Module):
             total += float(loss.detach())
         return total / max(train.nnz, 1)
 
+    def _update_average(self, average: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """One epoch's step of the exponential moving average of the weights (the first epoch starts it)."""
+        current = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        if average is None:
+            return current
+        a = self.config.ema
+        return {k: a * average[k] + (1.0 - a) * current[k] for k in current}
+
+    @contextlib.contextmanager
+    def _weights(self, state: dict[str, torch.Tensor] | None) -> Iterator[None]:
+        """Score with ``state`` inside the block (None: the current weights), then put the trained ones back."""
+        if state is None:
+            yield
+            return
+        trained = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        self.load_state_dict(state)
+        try:
+            yield
+        finally:
+            self.load_state_dict(trained)
+
     def fit(
         self,
         train: sp.csr_matrix,
@@ -222,19 +248,23 @@ class Aggregator(torch.nn.Module):
         opt = torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         best, bad = -1.0, 0
         best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        average: dict[str, torch.Tensor] | None = None
         for epoch in range(1, self.config.epochs + 1):
             loss = self._epoch(train, opt, rng)
             log = {"epoch": float(epoch), "loss": loss, "seconds": time.perf_counter() - t0}
+            if self.config.ema:
+                average = self._update_average(average)
             score = -loss
             if valid is not None and valid.nnz:
-                log["valid_recall@10"] = evaluate(self.scorer(), train, valid, ks=(10,))["recall@10"]
+                with self._weights(average):
+                    log["valid_recall@10"] = evaluate(self.scorer(), train, valid, ks=(10,))["recall@10"]
                 score = log["valid_recall@10"]
             result.history.append(log)
             if callback:
                 callback(log)
             if score > best:
                 best, bad, result.best_epoch = score, 0, epoch
-                best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in (average or self.state_dict()).items()}
             else:
                 bad += 1
                 if bad > self.config.patience:
