@@ -252,20 +252,19 @@ def test_shard_validation_keeps_pairs_inside_the_shard() -> None:
     assert sorted(zip(*got.nonzero(), strict=True)) == [(0, 2), (1, 0)]
 
 
+def _masked_stack(g: torch.Generator, k: int, n_u: int, n_i: int, d: int, p_user: float, p_item: float) -> ShardStack:
+    """Random shard embeddings; a user (item) is in a shard with probability p_user (p_item), counted once."""
+    um, im = torch.rand(k, n_u, generator=g) < p_user, torch.rand(k, n_i, generator=g) < p_item
+    users, items = torch.randn(k, n_u, d, generator=g), torch.randn(k, n_i, d, generator=g)
+    return ShardStack(users * um[..., None], items * im[..., None], um, im, um.float(), im.float())
+
+
 def test_restored_aggregator_scores_like_the_saved_one_without_redoing_its_start(monkeypatch) -> None:
     """Loading a trained aggregator (evaluation, serving) must give its exact scores; the Procrustes start
     (``align_init``) only matters before training, so a restore must not pay for it again."""
     g = torch.Generator().manual_seed(2)
-    k, n_u, n_i, d = 3, 12, 9, 4
-    um, im = torch.rand(k, n_u, generator=g) < 0.7, torch.rand(k, n_i, generator=g) < 0.6
-    stack = ShardStack(
-        torch.randn(k, n_u, d, generator=g) * um[..., None],
-        torch.randn(k, n_i, d, generator=g) * im[..., None],
-        um,
-        im,
-        um.float(),
-        im.float(),
-    )
+    n_u = 12
+    stack = _masked_stack(g, k=3, n_u=n_u, n_i=9, d=4, p_user=0.7, p_item=0.6)
     trained = AGGREGATORS["attention"](stack, AggConfig(seed=4))
     with torch.no_grad():
         for p in trained.parameters():
@@ -298,15 +297,7 @@ def test_weight_average_is_what_the_aggregator_validates_and_keeps(loss: str) ->
     draw = rng.random((n_u, n_i))
     train = sp.csr_matrix(block & (draw < 0.5), dtype=np.float32)
     valid = sp.csr_matrix(block & (draw >= 0.5) & (draw < 0.7), dtype=np.float32)
-    um, im = torch.rand(k, n_u, generator=g) < 0.8, torch.rand(k, n_i, generator=g) < 0.8
-    stack = ShardStack(
-        torch.randn(k, n_u, d, generator=g) * um[..., None],
-        torch.randn(k, n_i, d, generator=g) * im[..., None],
-        um,
-        im,
-        um.float(),
-        im.float(),
-    )
+    stack = _masked_stack(g, k, n_u, n_i, d, p_user=0.8, p_item=0.8)
     cfg = AggConfig(loss=loss, epochs=6, patience=6, lr=0.05, batch_size=256, ema=0.7, seed=1)
     agg = AGGREGATORS["attention"](stack, cfg)
     raw: list[dict[str, torch.Tensor]] = []
