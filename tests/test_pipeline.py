@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from pipelines.config import PipelineConfig
@@ -26,6 +27,7 @@ from pipelines.steps import (
 )
 from receraser_core.aggregate import AGGREGATORS, AggConfig, ShardStack
 from receraser_core.data.interactions import DataError
+from receraser_core.metrics import evaluate
 from receraser_core.models import ConfigError, load_model
 
 FAST_MODEL = {
@@ -269,12 +271,11 @@ def test_restored_aggregator_scores_like_the_saved_one_without_redoing_its_start
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))  # any state other than a fresh start
-    import receraser_core.aggregate.attention as attention
 
     def no_procrustes(*_: object) -> torch.Tensor:
         raise AssertionError("align_rotations ran while restoring a trained aggregator")
 
-    monkeypatch.setattr(attention, "align_rotations", no_procrustes)
+    monkeypatch.setattr("receraser_core.aggregate.attention.align_rotations", no_procrustes)
     restored = AGGREGATORS["attention"].restore(stack, trained.config, trained.state_dict())
     assert restored.config == trained.config  # align_init=True is still what the model was trained with
     users = torch.arange(n_u)
@@ -286,10 +287,6 @@ def test_restored_aggregator_scores_like_the_saved_one_without_redoing_its_start
 def test_weight_average_is_what_the_aggregator_validates_and_keeps(loss: str) -> None:
     """With ``ema`` the aggregator validates, selects and returns the moving average of its weights over epochs
     (avg <- ema * avg + (1 - ema) * weights after the epoch), while training itself goes on from the raw weights."""
-    import scipy.sparse as sp
-
-    from receraser_core.metrics import evaluate
-
     g = torch.Generator().manual_seed(3)
     k, n_u, n_i, d = 3, 40, 30, 6
     rng = np.random.default_rng(3)

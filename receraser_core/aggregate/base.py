@@ -206,9 +206,14 @@ class Aggregator(torch.nn.Module):
             total += float(loss.detach())
         return total / max(train.nnz, 1)
 
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the current weights that later training steps do not change."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
     def _update_average(self, average: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """One epoch's step of the exponential moving average of the weights (the first epoch starts it)."""
-        current = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        """One epoch's step of the exponential moving average of the weights (the first epoch starts it); a new
+        dict each time, never changed in place."""
+        current = self._snapshot()
         if average is None:
             return current
         a = self.config.ema
@@ -220,7 +225,7 @@ class Aggregator(torch.nn.Module):
         if state is None:
             yield
             return
-        trained = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        trained = self._snapshot()
         self.load_state_dict(state)
         try:
             yield
@@ -247,7 +252,7 @@ class Aggregator(torch.nn.Module):
         rng = np.random.default_rng(self.config.seed)
         opt = torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         best, bad = -1.0, 0
-        best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        best_state = self._snapshot()
         average: dict[str, torch.Tensor] | None = None
         for epoch in range(1, self.config.epochs + 1):
             loss = self._epoch(train, opt, rng)
@@ -264,7 +269,7 @@ class Aggregator(torch.nn.Module):
                 callback(log)
             if score > best:
                 best, bad, result.best_epoch = score, 0, epoch
-                best_state = {k: v.detach().clone() for k, v in (average or self.state_dict()).items()}
+                best_state = average if average is not None else self._snapshot()
             else:
                 bad += 1
                 if bad > self.config.patience:
