@@ -34,7 +34,9 @@ def apply_deletion_requests(
     context: OpExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> None:
     """Apply every outstanding request: redact, retrain the affected shards, rebuild the aggregator."""
-    report = unlearn_pending(context.instance, receraser, tracker, log=context.log.info)
+    report = unlearn_pending(
+        context.instance, receraser, tracker, log=context.log.info, wait=600.0, owner=f"dagster run {context.run_id}"
+    )
     if report is not None:
         context.log.info(f"applied {report.request_ids}: shards {report.shards}, {report.seconds['total']:.1f} s")
 

@@ -22,6 +22,7 @@ from dagster_project.orchestrate import materialize_names
 from dagster_project.partitions import shard_partitions
 from dagster_project.resources import ReceraserResource, ledger_for
 from pipelines.forget import finish_interrupted_redaction, locate, redact
+from pipelines.ledger import Ledger
 from pipelines.tracking import Tracker
 
 
@@ -52,9 +53,21 @@ def unlearn_pending(
     rec: ReceraserResource,
     tracker: Tracker,
     log: Callable[[str], None] = print,
+    wait: float = 0.0,
+    owner: str = "receraser unlearn",
 ) -> UnlearnReport | None:
-    """Apply every outstanding request of the ledger; None when there is nothing to do."""
+    """Apply every outstanding request of the ledger; None when there is nothing to do.
+
+    Holds the ledger's applier lock throughout (`Ledger.applier`; waits up to ``wait`` seconds for another
+    applier, then raises `ApplierBusy`), so two appliers never redact the same state."""
     ledger = ledger_for(rec)
+    with ledger.applier(owner, wait=wait):
+        return _apply_outstanding(instance, rec, tracker, ledger, log)
+
+
+def _apply_outstanding(
+    instance: DagsterInstance, rec: ReceraserResource, tracker: Tracker, ledger: Ledger, log: Callable[[str], None]
+) -> UnlearnReport | None:
     todo = ledger.outstanding()
     if not todo:
         log("no outstanding deletion requests")
@@ -72,10 +85,9 @@ def unlearn_pending(
         }
         ledger.mark_applying(shards_by_id)  # durable before any data changes
         affected = sorted({k for s in shards_by_id.values() for k in s})
-        if len(loc.positions):
-            redact(run, loc.positions)
+        _, removed = redact(run, todo)
         log(
-            f"applying {len(ids)} request(s): {len(loc.positions)} training record(s) removed, "
+            f"applying {len(ids)} request(s): {removed} training record(s) removed, "
             f"shard(s) {affected or 'none'} to retrain"
         )
         seconds = {"redact": time.perf_counter() - t0}

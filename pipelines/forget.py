@@ -129,18 +129,26 @@ def locate(run: RunDir, requests: Sequence[Request]) -> Located:
     return Located(positions, assignment[positions], by_request)
 
 
-def redact(run: RunDir, positions: np.ndarray) -> Interactions:
-    """Remove training records at ``positions`` from the interactions store and the shard assignment."""
+def redact(run: RunDir, requests: Sequence[Request]) -> tuple[Interactions, int]:
+    """Remove the training records the requests name from the interactions store and the shard assignment;
+    returns the redacted interactions and how many records were removed.
+
+    Idempotent: the records are found in the data read here, by their ids, never by positions computed from
+    an earlier read, so a second redaction of the same requests removes nothing. (Positions from an earlier
+    read, applied after another redaction, point at *other* records of the same users.)"""
     inter = load_interactions(run.interactions)
     with np.load(run.assignment) as z:
         assignment = z["assignment"]
+    positions = _all_positions(_positions(inter, requests))
+    if len(positions) == 0:
+        return inter, 0
     train = _without(inter.train, positions)
     new_assignment = np.delete(assignment, positions)
     fp = csr_fingerprint(train)
     _atomic(run.assignment, lambda p: _save_npz(p, assignment=new_assignment, train_fingerprint=np.array(fp)))
     redacted = inter.with_train(train)
     save_interactions(run.interactions, redacted)
-    return redacted
+    return redacted, len(positions)
 
 
 def finish_interrupted_redaction(run: RunDir, requests: Sequence[Request]) -> bool:

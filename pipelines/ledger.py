@@ -8,7 +8,11 @@ from the ledger, and a repeated request is recognised by its (kind, user, item) 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +20,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from receraser_core.data.interactions import DataError
+
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS applier_lock (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    owner         TEXT NOT NULL,
+    host          TEXT NOT NULL,
+    pid           INTEGER NOT NULL,
+    started       TEXT NOT NULL,
+    acquired_at   TEXT NOT NULL,
+    heartbeat     REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS requests (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     kind          TEXT NOT NULL CHECK (kind IN ('interaction', 'user')),
@@ -35,6 +50,33 @@ CREATE TABLE IF NOT EXISTS requests (
     UNIQUE (kind, user_id, item_id)
 );
 """
+
+
+class ApplierBusy(DataError):
+    """Another applier holds the ledger's applier lock (one line naming it)."""
+
+
+#: An applier refreshes its lock every LEASE_SECONDS / 4; a lock not refreshed for LEASE_SECONDS belongs to
+#: a dead applier (any machine) and is taken over. On the same machine a dead holder is seen at once.
+LEASE_SECONDS = 60.0
+
+
+def _process_start(pid: int) -> str:
+    """A token that differs between two processes that had the same pid (Linux: start time in jiffies)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(pid: int, started: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not started or _process_start(pid) in ("", started)
 
 
 def _now() -> str:
@@ -105,6 +147,64 @@ class Ledger:
                 con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
+
+    @contextmanager
+    def applier(self, owner: str, wait: float = 0.0, poll: float = 0.5) -> Iterator[None]:
+        """Hold the one applier lock of this ledger for the block: at most one process (CLI, Dagster sensor run,
+        any executor, any machine sharing the state) applies requests at a time.
+
+        The lock is a row taken in an ``IMMEDIATE`` transaction, so two takers cannot both see it free. It
+        survives crashes: a holder that died on this machine (its pid gone or reused) is replaced at once; one
+        on another machine once its heartbeat is older than `LEASE_SECONDS`. Waits up to ``wait`` seconds for a
+        live holder, then raises `ApplierBusy` naming it."""
+        me = (owner, socket.gethostname(), os.getpid(), _process_start(os.getpid()))
+        deadline = time.monotonic() + wait
+        while True:
+            holder = self._try_lock(me)
+            if holder is None:
+                break
+            if time.monotonic() >= deadline:
+                raise ApplierBusy(
+                    f"another applier is applying deletion requests ({holder['owner']}, pid {holder['pid']} on "
+                    f"{holder['host']}, since {holder['acquired_at']}); wait for it or retry later"
+                )
+            time.sleep(poll)
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(me, stop), daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beat.join()
+            with self._transaction() as con:
+                con.execute("DELETE FROM applier_lock WHERE host=? AND pid=? AND started=?", me[1:])
+
+    def _try_lock(self, me: tuple[str, str, int, str]) -> dict[str, Any] | None:
+        """Take the lock (None) or return its live holder."""
+        owner, host, pid, started = me
+        with self._transaction() as con:
+            row = con.execute("SELECT * FROM applier_lock WHERE id=1").fetchone()
+            if row is not None:
+                same_host = row["host"] == host
+                dead = (same_host and not _alive(row["pid"], row["started"])) or (
+                    time.time() - row["heartbeat"] > LEASE_SECONDS
+                )
+                if not dead:  # not re-entrant: a second applier in the same process waits too
+                    return dict(row)
+            con.execute(
+                "INSERT OR REPLACE INTO applier_lock (id, owner, host, pid, started, acquired_at, heartbeat) "
+                "VALUES (1,?,?,?,?,?,?)",
+                (owner, host, pid, started, _now(), time.time()),
+            )
+        return None
+
+    def _heartbeat(self, me: tuple[str, str, int, str], stop: threading.Event) -> None:
+        while not stop.wait(LEASE_SECONDS / 4):
+            with self._transaction() as con:
+                con.execute(
+                    "UPDATE applier_lock SET heartbeat=? WHERE host=? AND pid=? AND started=?", (time.time(), *me[1:])
+                )
 
     def add(self, requests: Sequence[NewRequest], records: Sequence[int] | None = None) -> list[tuple[int, bool]]:
         """Record requests all-or-nothing; returns (id, is_new) per request. A repeat returns the old id

@@ -69,7 +69,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from dagster_project.unlearn import unlearn_pending
 
     instance, rec, tracker = _context()
-    report = unlearn_pending(instance, rec, tracker, log=lambda m: print(m, flush=True))
+    report = unlearn_pending(instance, rec, tracker, log=lambda m: print(m, flush=True), wait=args.wait)
     if report is not None:
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
         print(f"retrained shard(s) {report.shards}; {parts}")
@@ -159,6 +159,14 @@ def add_forget_parsers(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="torch CPU threads (default: torch's choice). Bit-identical results need the same thread count "
         "as the build they are compared with",
+    )
+    u.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="if another applier (a CLI unlearn, the Dagster sensor's run) is applying requests, wait up to this "
+        "long for it before giving up (default 0: exit at once with a line naming it)",
     )
     u.set_defaults(func=cmd_unlearn)
 

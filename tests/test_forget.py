@@ -18,8 +18,8 @@ from dagster import instance_for_test
 from dagster_project.orchestrate import graph_status, run_graph
 from dagster_project.unlearn import ledger_for, unlearn_pending
 from pipelines.config import SHARD_DEFAULTS
-from pipelines.forget import ForgetError, check_request, read_request_file
-from pipelines.ledger import Ledger, NewRequest
+from pipelines.forget import ForgetError, check_request, locate, read_request_file, redact
+from pipelines.ledger import ApplierBusy, Ledger, NewRequest
 from pipelines.retrain import model_config
 from pipelines.steps import RunDir, load_interactions, load_partition, load_serving, shard_stack, shard_validation
 from pipelines.tracking import MemoryTracker
@@ -191,6 +191,10 @@ def test_cli_forget_kill_and_fail_then_recover(tmp_path: Path) -> None:
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert marker.exists()
+    # a second applier while the first holds the lock: one clear line, nothing applied twice
+    busy = _cli(["unlearn"], env)
+    assert busy.returncode == 2 and "another applier is applying deletion requests" in busy.stderr
+    assert "Traceback" not in busy.stderr and len(busy.stderr.strip().splitlines()) == 1
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     marker.unlink()
@@ -236,3 +240,127 @@ def test_sensor_launches_the_unlearn_job(tmp_path: Path) -> None:
         assert result.success
         assert ledger_for(rec).get()[0].status == "applied"
         assert deletion_sensor(ctx, receraser=rec).__class__.__name__ == "SkipReason"
+
+
+def _prepared_run(tmp_path: Path) -> tuple[RunDir, Ledger, list[tuple[str, str]]]:
+    """A run directory with stored interactions and a partition (no models), a ledger, and 3 training records
+    of shard 0 from one user with more records (so a wrong position hits another record of the same user)."""
+    from pipelines.steps import partition, prepare, pretrain
+
+    rec = _resource(tmp_path)
+    run, cfg = rec.run_dir(), rec.pipeline_config()
+    inter = prepare(run, cfg)
+    pretrain(run, cfg)
+    partition(run, cfg)
+    u = int(np.argmax(np.diff(inter.train.indptr)))
+    items = inter.train.indices[inter.train.indptr[u] : inter.train.indptr[u + 1]][:3]
+    doomed = [(str(inter.user_ids[u]), str(inter.item_ids[i])) for i in items]
+    return run, ledger_for(rec), doomed
+
+
+def _remaining_pairs(run: RunDir) -> set[tuple[str, str]]:
+    inter = load_interactions(run.interactions)
+    coo = inter.train.tocoo()
+    return {(str(inter.user_ids[r]), str(inter.item_ids[c])) for r, c in zip(coo.row, coo.col, strict=True)}
+
+
+def test_redaction_is_idempotent_under_the_racy_interleaving(tmp_path: Path) -> None:
+    run, ledger, doomed = _prepared_run(tmp_path)
+    before = _remaining_pairs(run)
+    ledger.add([NewRequest("interaction", u, i) for u, i in doomed])
+    todo = ledger.outstanding()
+    first, second = locate(run, todo), locate(run, todo)  # two appliers read the same state
+    assert np.array_equal(first.positions, second.positions) and len(first.positions) == 3
+    _, n1 = redact(run, todo)
+    _, n2 = redact(run, todo)  # the second applier's redaction finds nothing left to remove
+    assert (n1, n2) == (3, 0)
+    assert _remaining_pairs(run) == before - set(doomed)
+    assert len(np.load(run.assignment)["assignment"]) == len(before) - 3
+
+
+_RACER = """
+import sys, time, json
+from pathlib import Path
+import numpy as np
+from pipelines.forget import locate, redact
+from pipelines.ledger import Ledger
+from pipelines.steps import RunDir
+run, ledger = RunDir(Path(sys.argv[1])), Ledger(Path(sys.argv[2]))
+with ledger.applier("racer " + sys.argv[3], wait=120, poll=0.05):
+    t0 = time.time()
+    todo = ledger.outstanding()
+    loc = locate(run, todo)
+    time.sleep(1.0)  # the window in which an unserialised second applier would locate the same records
+    _, n = redact(run, todo)
+    ledger.mark_applied([r.id for r in todo], [], [])
+    t1 = time.time()
+print(json.dumps({"start": t0, "end": t1, "located": int(len(loc.positions)), "removed": n}))
+"""
+
+
+def test_two_applier_processes_are_serialised(tmp_path: Path) -> None:
+    run, ledger, doomed = _prepared_run(tmp_path)
+    before = _remaining_pairs(run)
+    ledger.add([NewRequest("interaction", u, i) for u, i in doomed])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(run.root), str(ledger.path), str(n)],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(2)
+    ]
+    outs = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    a, b = sorted(outs, key=lambda o: o["start"])
+    assert a["end"] <= b["start"]  # one applier at a time
+    assert sorted(o["removed"] for o in outs) == [0, 3]
+    assert _remaining_pairs(run) == before - set(doomed)  # exactly the requested records are gone
+
+
+def test_applier_lock_names_its_holder_and_survives_a_crash(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from pipelines.ledger import Ledger\n"
+            "with Ledger(Path(sys.argv[1])).applier('holder'):\n"
+            "    print('held', flush=True); time.sleep(600)",
+            str(ledger.path),
+        ],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with pytest.raises(ApplierBusy, match=f"holder, pid {holder.pid} on"), ledger.applier("second", wait=0.3):
+        pass
+    holder.kill()  # kill -9: the lock row stays, but its holder is dead
+    holder.wait()
+    # taken over at once, no waiting for the lease; held, it turns a second taker away
+    with ledger.applier("after the crash"), pytest.raises(ApplierBusy, match="after the crash"), ledger.applier("x"):
+        pass
+    with ledger.applier("free again"):
+        pass
+    # a holder on another machine that stopped refreshing its lease is replaced; a fresh one is honoured
+    import sqlite3
+
+    from pipelines.ledger import LEASE_SECONDS
+
+    for age, busy in ((LEASE_SECONDS + 5, False), (1.0, True)):
+        con = sqlite3.connect(ledger.path)
+        con.execute(
+            "INSERT OR REPLACE INTO applier_lock VALUES (1, 'remote', 'other-host', 1, '', 'then', ?)",
+            (time.time() - age,),
+        )
+        con.commit()
+        con.close()
+        if busy:
+            with pytest.raises(ApplierBusy, match="other-host"), ledger.applier("local"):
+                pass
+        else:
+            with ledger.applier("local"):
+                pass
