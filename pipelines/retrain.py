@@ -60,8 +60,9 @@ def peak_rss_mb() -> float:
 def print_progress(prefix: str) -> Callable[[EpochLog], None]:
     def show(log: EpochLog) -> None:
         valid = f"  valid Recall@10 {log['valid_recall@10']:.4f}" if "valid_recall@10" in log else ""
+        loss = f"  loss {log['loss']:.4f}" if "loss" in log else ""
         print(
-            f"{prefix} epoch {int(log['epoch']):>4}  loss {log['loss']:.4f}{valid}  ({log['seconds']:.0f} s)",
+            f"{prefix} epoch {int(log['epoch']):>4}{loss}{valid}  ({log['seconds']:.0f} s)",
             flush=True,
         )
 

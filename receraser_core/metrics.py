@@ -23,12 +23,13 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # (b,) user indices -> (b, n_i
 DEFAULT_KS: tuple[int, ...] = (10, 20, 50)
 
 
-def _rows_dense(m: sp.csr_matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Dense bool tensor (len(rows), n_cols) of the selected CSR rows."""
-    sub = m[rows].tocoo()
-    out = torch.zeros((len(rows), m.shape[1]), dtype=torch.bool, device=device)
-    out[torch.from_numpy(sub.row).to(device).long(), torch.from_numpy(sub.col).to(device).long()] = True
-    return out
+def _row_entries(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(batch row, column) of every stored entry of the selected CSR rows, read from indptr / indices directly
+    (no sparse row selection, no dense mask)."""
+    start, count = m.indptr[rows], np.diff(m.indptr)[rows]
+    batch_row = np.repeat(np.arange(len(rows)), count)
+    offsets = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    return batch_row, m.indices[np.repeat(start, count) + offsets]
 
 
 def evaluate(
@@ -51,11 +52,14 @@ def evaluate(
         raise ValueError(f"cut-offs must be positive integers, got {ks}")
     dev = torch.device(device)
     train, test = sp.csr_matrix(train), sp.csr_matrix(test)
+    if not test.has_sorted_indices:
+        test = test.sorted_indices()  # a copy: the caller's matrix is not changed
     n_test = np.diff(test.indptr)
     eval_users = np.flatnonzero(n_test > 0)
     if users is not None:
         eval_users = np.intersect1d(eval_users, np.asarray(users))
-    max_k = min(ks[-1], train.shape[1])
+    n_cols = train.shape[1]
+    max_k = min(ks[-1], n_cols)
     # discount[r] = 1 / log2(r + 2) for 0-based rank r; idcg_table[j] = sum of the first j discounts
     discount = 1.0 / torch.log2(torch.arange(2, max_k + 2, dtype=torch.float64, device=dev))
     idcg_table = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev), discount.cumsum(0)])
@@ -64,9 +68,15 @@ def evaluate(
         rows = eval_users[start : start + batch_size]
         with torch.no_grad():
             scores = score_fn(torch.from_numpy(rows).to(dev)).to(torch.float32).clone()  # (b, n_items)
-        scores.masked_fill_(_rows_dense(train, rows, dev), float("-inf"))
-        top = torch.topk(scores, max_k, dim=1).indices  # (b, max_k)
-        hits = torch.gather(_rows_dense(test, rows, dev), 1, top).to(torch.float64)  # (b, max_k)
+        seen_row, seen_col = _row_entries(train, rows)
+        scores[torch.from_numpy(seen_row).to(dev), torch.from_numpy(seen_col.astype(np.int64)).to(dev)] = -torch.inf
+        top = torch.topk(scores, max_k, dim=1).indices.cpu().numpy()  # (b, max_k)
+        # a top item is a hit when (batch row, item) is one of the batch's test entries (sorted keys)
+        test_row, test_col = _row_entries(test, rows)
+        keys = test_row.astype(np.int64) * n_cols + test_col
+        cand = np.arange(len(rows))[:, None] * n_cols + top
+        pos = np.minimum(np.searchsorted(keys, cand), max(len(keys) - 1, 0))
+        hits = torch.from_numpy((keys[pos] == cand) if len(keys) else np.zeros(cand.shape, bool)).to(dev).double()
         n_rel = torch.from_numpy(n_test[rows]).to(dev)
         for k in ks:
             kk = min(k, max_k)

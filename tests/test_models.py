@@ -123,10 +123,8 @@ def test_shard_model_depends_only_on_its_shard(name: str, blocks: Interactions) 
     fresh = build_model(name, blocks.n_users, blocks.n_items, **{**FAST[name], "epochs": 4})
     fresh._init_params(shard, torch.Generator().manual_seed(fresh.config.seed))
     fresh_users = fresh.params["embedding"][: blocks.n_users] if name == "lightgcn" else fresh.params["user"]
-    if name != "wmf":  # ALS solves every user (a user without data gets the ridge solution 0)
-        assert torch.equal(user_emb[~torch.from_numpy(in_shard)], fresh_users.detach()[~torch.from_numpy(in_shard)])
-    else:
-        assert torch.all(user_emb[~torch.from_numpy(in_shard)] == 0)
+    # (WMF's ALS solves only the users and items the shard has, so its absent users keep their start too)
+    assert torch.equal(user_emb[~torch.from_numpy(in_shard)], fresh_users.detach()[~torch.from_numpy(in_shard)])
 
 
 def test_negative_sampling_avoids_the_users_positives_only() -> None:
@@ -223,7 +221,9 @@ def test_wmf_als_solves_the_weighted_objective(blocks: Interactions) -> None:
     """After an ALS sweep the item factors satisfy the normal equations of the documented objective:
     (c0 PᵀP + (1 - c0) Σ_{u∈R_i} p_u p_uᵀ + reg I) q_i = Σ_{u∈R_i} p_u."""
     c0, reg = 0.1, 0.5
-    model = build_model("wmf", blocks.n_users, blocks.n_items, dim=8, epochs=3, c0=c0, reg=reg, patience=10)
+    model = build_model(
+        "wmf", blocks.n_users, blocks.n_items, dim=8, epochs=3, eval_every=1, c0=c0, reg=reg, patience=10, cg=False
+    )
     model.fit(blocks.train)  # no validation: keeps the last sweep (the loss only decreases)
     p = model.params["user"].double().numpy()
     q = model.params["item"].double().numpy()
@@ -254,3 +254,54 @@ def test_wmf_enmf_solver_decreases_the_same_loss(blocks: Interactions) -> None:
     assert losses[-1] < losses[0]
     got = evaluate(model.score, blocks.train, blocks.test, ks=(5,))
     assert got["recall@5"] >= 0.8
+
+
+def test_wmf_cg_reaches_the_cholesky_solution_and_ignores_thread_counts(blocks: Interactions) -> None:
+    """The conjugate-gradient sweeps (the default) minimise the same objective as the exact Cholesky ones, and
+    the factors are bit-identical whatever implicit's thread count."""
+    kw = {"dim": 8, "epochs": 40, "eval_every": 40, "c0": 0.1, "reg": 0.5}
+    exact = build_model("wmf", blocks.n_users, blocks.n_items, cg=False, **kw)
+    exact.fit(blocks.train)
+    fits = [build_model("wmf", blocks.n_users, blocks.n_items, threads=t, **kw) for t in (1, 2)]
+    for m in fits:
+        m.fit(blocks.train)
+    assert all(torch.equal(fits[0].params[k], fits[1].params[k]) for k in ("user", "item"))
+    # the objective (negative here: the constant |R| is left out) agrees to 1e-5 relative after 40 sweeps
+    got, want = float(fits[0].objective(blocks.train)), float(exact.objective(blocks.train))
+    assert abs(got - want) <= 1e-5 * abs(want)
+
+
+def test_wmf_shard_fit_solves_only_the_rows_it_has(blocks: Interactions) -> None:
+    """A user or item without an interaction in the training matrix is not solved: it keeps its seeded start."""
+    train = blocks.train.tolil()
+    train[:12, :] = 0  # block 0's users leave, and with them every interaction of block 0's items
+    train = sp.csr_matrix(train)
+    train.eliminate_zeros()
+    kw = {"dim": 8, "epochs": 6, "eval_every": 6, "seed": 3}
+    model = build_model("wmf", blocks.n_users, blocks.n_items, **kw)
+    model.fit(train)
+    start = build_model("wmf", blocks.n_users, blocks.n_items, **{**kw, "epochs": 1})
+    start._init_params(train, torch.Generator().manual_seed(3))  # the seeded start
+    assert torch.equal(model.params["user"][:12], start.params["user"][:12])
+    assert torch.equal(model.params["item"][:10], start.params["item"][:10])
+    assert not torch.equal(model.params["user"][12:], start.params["user"][12:])
+    assert not torch.equal(model.params["item"][10:], start.params["item"][10:])
+
+
+def test_wmf_loss_sparse_products_match_the_gathered_form(blocks: Interactions) -> None:
+    """`wmf_loss` scores the observed entries with sparse products; value and gradients equal the plain
+    gathered form sum_(u,i)[(1 - c0) r_ui^2 - 2 r_ui] + c0 sum(PᵀP ⊙ QᵀQ)."""
+    from receraser_core.models.wmf import Observed, wmf_loss
+
+    g = torch.Generator().manual_seed(0)
+    rows = np.arange(5, 30)  # a user batch
+    block = blocks.train[rows]
+    p = torch.randn(len(rows), 8, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(blocks.n_items, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    got = wmf_loss(p, q, Observed.of(block), 0.2)
+    gp, gq = torch.autograd.grad(got, (p, q))
+    coo = block.tocoo()
+    r = (p[torch.from_numpy(coo.row).long()] * q[torch.from_numpy(coo.col).long()]).sum(-1)
+    want = 0.2 * torch.sum((p.t() @ p) * (q.t() @ q)) + torch.sum(0.8 * r.square() - 2 * r)
+    wp, wq = torch.autograd.grad(want, (p, q))
+    assert torch.allclose(got, want) and torch.allclose(gp, wp) and torch.allclose(gq, wq)

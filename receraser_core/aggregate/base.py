@@ -21,7 +21,7 @@ from receraser_core.metrics import evaluate
 from receraser_core.models.base import bpr_triples, check_sampling
 from receraser_core.models.bpr import bpr_loss
 from receraser_core.models.lightgcn import normalized_adjacency, propagate, to_torch_csr
-from receraser_core.models.wmf import wmf_loss
+from receraser_core.models.wmf import Observed, wmf_loss
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ class AggConfig:
     sampling: str = "interaction"  # bpr / lightgcn loss: triples per "interaction" or per "user" (bpr_triples)
     # > 0: validate, select and keep an average of the weights over epochs, avg <- ema * avg + (1 - ema) * new
     ema: float = 0.0
+
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -189,15 +190,13 @@ class Aggregator(torch.nn.Module):
 
     def _wmf_epoch(self, train: sp.csr_matrix, opt: torch.optim.Optimizer, rng: np.random.Generator) -> float:
         n_users, n_items = train.shape
+        step = max(self.config.batch_size // 16, 64)  # users per batch
         order = rng.permutation(n_users)
         total = 0.0
-        step = max(self.config.batch_size // 16, 64)  # users per batch
         for start in range(0, n_users, step):
             batch = np.sort(order[start : start + step])
-            sub = train[batch]
-            rows = torch.from_numpy(np.repeat(np.arange(len(batch)), np.diff(sub.indptr)))
             eu, ei = self.user_embed(torch.from_numpy(batch)), self.item_embed(torch.arange(n_items))
-            loss = wmf_loss(eu, ei, rows, torch.from_numpy(sub.indices.astype(np.int64)), self.config.c0)
+            loss = wmf_loss(eu, ei, Observed.of(train[batch]), self.config.c0)
             if self.config.reg:  # the WMF objective's L2, items counted in proportion to the batch
                 loss = loss + self.config.reg * (eu.square().sum() + ei.square().sum() * len(batch) / n_users)
             opt.zero_grad()

@@ -125,7 +125,8 @@ class Recommender(ABC):
 
     @abstractmethod
     def _train_epoch(self, train: sp.csr_matrix, epoch: int, rng: np.random.Generator) -> float:
-        """One pass over ``train``; returns the mean training loss."""
+        """One pass over ``train``; returns the mean training loss (NaN where it was not computed: `fit` sets
+        ``self._needs_loss`` False when a validation set does the selecting)."""
 
     @abstractmethod
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +162,7 @@ class Recommender(ABC):
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
+        self._needs_loss = valid is None or valid.nnz == 0
         self._init_params(train, generator)
         result, best, bad = FitResult(), -1.0, 0
         best_params = self._snapshot()
@@ -171,7 +173,9 @@ class Recommender(ABC):
             if epoch % cfg.eval_every and epoch != cfg.epochs:
                 continue
             self._sync_live()
-            log: EpochLog = {"epoch": float(epoch), "loss": float(loss), "seconds": time.perf_counter() - t0}
+            log: EpochLog = {"epoch": float(epoch), "seconds": time.perf_counter() - t0}
+            if loss == loss:  # a model may skip computing its loss (NaN) when validation selects instead
+                log["loss"] = float(loss)
             if valid is not None and valid.nnz:
                 log["valid_recall@10"] = self.validation_recall(train, valid)
             result.history.append(log)
