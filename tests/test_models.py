@@ -305,3 +305,24 @@ def test_wmf_loss_sparse_products_match_the_gathered_form(blocks: Interactions) 
     want = 0.2 * torch.sum((p.t() @ p) * (q.t() @ q)) + torch.sum(0.8 * r.square() - 2 * r)
     wp, wq = torch.autograd.grad(want, (p, q))
     assert torch.allclose(got, want) and torch.allclose(gp, wp) and torch.allclose(gq, wq)
+
+
+def test_triple_loss_matches_the_gathered_bpr_loss() -> None:
+    """`triple_loss` writes its gradient into the tables' rows itself; value and gradients equal autograd's
+    through the gathered form, also when users and items are one table (LightGCN) and rows repeat."""
+    from receraser_core.models.bpr import bpr_loss, triple_loss
+
+    g = torch.Generator().manual_seed(0)
+    users = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    u, i, j = (torch.randint(0, n, (40,), generator=g) for n in (7, 9, 9))
+    got = triple_loss(users, items, u, i, j)
+    want = bpr_loss((users[u] * items[i]).sum(-1), (users[u] * items[j]).sum(-1))
+    assert torch.allclose(got, want)
+    for a, b in zip(torch.autograd.grad(got, (users, items)), torch.autograd.grad(want, (users, items)), strict=True):
+        assert torch.allclose(a, b)
+    assert torch.autograd.gradcheck(lambda a, b: triple_loss(a, b, u, i, j), (users, items))
+    both = torch.cat([users, items]).detach().requires_grad_()
+    (got_grad,) = torch.autograd.grad(triple_loss(both, both, u, i + 7, j + 7), both)
+    (want_grad,) = torch.autograd.grad(bpr_loss((both[u] * both[i + 7]).sum(-1), (both[u] * both[j + 7]).sum(-1)), both)
+    assert torch.allclose(got_grad, want_grad)

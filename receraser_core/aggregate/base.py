@@ -19,7 +19,7 @@ import torch
 
 from receraser_core.metrics import evaluate
 from receraser_core.models.base import bpr_triples, check_sampling
-from receraser_core.models.bpr import bpr_loss
+from receraser_core.models.bpr import triple_loss
 from receraser_core.models.lightgcn import normalized_adjacency, propagate, to_torch_csr
 from receraser_core.models.wmf import Observed, wmf_loss
 
@@ -175,13 +175,18 @@ class Aggregator(torch.nn.Module):
         for start in range(0, len(u_all), cfg.batch_size):
             u, i, j = (t[start : start + cfg.batch_size] for t in (u_all, i_all, negs))
             if embed_all:
-                eu_all, ei_all = self.full_embeddings()
-                eu, ei, ej = eu_all[u], ei_all[i], ei_all[j]
-            else:
-                eu, ei, ej = self.user_embed(u), self.item_embed(i), self.item_embed(j)
-            loss = bpr_loss((eu * ei).sum(-1), (eu * ej).sum(-1))
-            if cfg.reg:
-                loss = loss + cfg.reg * (eu.square().sum() + ei.square().sum() + ej.square().sum()) / len(u)
+                users, items = self.full_embeddings()
+            else:  # the distinct rows of the batch, once each
+                user_rows, u = torch.unique(u, return_inverse=True)
+                item_rows, ij = torch.unique(torch.cat([i, j]), return_inverse=True)
+                i, j = ij[: len(u)], ij[len(u) :]
+                users, items = self.user_embed(user_rows), self.item_embed(item_rows)
+            loss = triple_loss(users, items, u, i, j)
+            if cfg.reg:  # L2 of the batch's aggregated vectors, a row counted once per time the batch uses it
+                uses_u = torch.bincount(u, minlength=len(users)).to(users.dtype)
+                uses_i = torch.bincount(torch.cat([i, j]), minlength=len(items)).to(items.dtype)
+                l2 = uses_u @ users.square().sum(1) + uses_i @ items.square().sum(1)
+                loss = loss + cfg.reg * l2 / len(u)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -249,7 +254,7 @@ class Aggregator(torch.nn.Module):
             return result
         torch.manual_seed(self.config.seed)
         rng = np.random.default_rng(self.config.seed)
-        opt = torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        opt = torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=True)
         best, bad = -1.0, 0
         best_state = self._snapshot()
         average: dict[str, torch.Tensor] | None = None

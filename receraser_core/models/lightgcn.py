@@ -5,7 +5,7 @@ Over the bipartite user-item graph A of the training data (a shard's model: its 
 
     Â = D^-1/2 A D^-1/2,    E^(k+1) = Â E^(k),    E = mean(E^(0), ..., E^(K)),    K = 3,
 
-scores are r_ui = e_u . e_i, trained with the BPR loss (`bpr.bpr_loss`) plus l2 on the layer-0 embeddings
+scores are r_ui = e_u . e_i, trained with the BPR loss (`bpr.triple_loss`) plus l2 on the layer-0 embeddings
 of the batch: by default (``l2_per="row"``) each distinct user and item row once per batch, not once per
 triple (``"occurrence"``, LightGCN's own code), with Adam at ``lr * lr_decay ** (epoch - 1)``. Triples are
 drawn per user by default (``sampling="user"``: a uniform user, then one of its items, as in LightGCN's own
@@ -35,7 +35,7 @@ from receraser_core.models.base import (
     reachable_rows,
     set_epoch_lr,
 )
-from receraser_core.models.bpr import bpr_loss
+from receraser_core.models.bpr import triple_loss
 
 
 def normalized_adjacency(train: sp.csr_matrix) -> sp.csr_matrix:
@@ -117,7 +117,7 @@ class LightGCN(Recommender):
         sub = adj[nodes][:, nodes].tocsr()
         sub.sort_indices()
         self._live_adj = to_torch_csr(sub, self.device)
-        self._opt = torch.optim.Adam([live["embedding"]], lr=self.config.lr)
+        self._opt = torch.optim.Adam([live["embedding"]], lr=self.config.lr, fused=True)
 
     def set_graph(self, train: sp.csr_matrix) -> None:
         """Use the graph of ``train`` for propagation (its own training data, or the full graph)."""
@@ -134,7 +134,7 @@ class LightGCN(Recommender):
         for start in range(0, len(u_all), cfg.batch_size):
             u, i, j = (t[start : start + cfg.batch_size] for t in (u_all, i_all, j_all))
             e = propagate(self._live_adj, e0, cfg.layers)  # (reachable nodes, d)
-            loss = bpr_loss((e[u] * e[i]).sum(-1), (e[u] * e[j]).sum(-1))
+            loss = triple_loss(e, e, u, i, j)
             loss = loss + cfg.l2 * l2_penalty(len(u), cfg.l2_per, (e0, u), (e0, torch.cat([i, j])))
             self._opt.zero_grad()
             loss.backward()
