@@ -68,3 +68,19 @@ def test_report_from_json(tmp_path: Path) -> None:
     assert "| bpr | 5 | 1 | 40.0 | 39.0 | 45.0 | 20.0 / 15.0 / 1.5 / 3.5 | 400.0 | 10.00× |" in text
     for fig in ("fig_partitioner.png", "fig_aggregator.png", "fig_shards.png"):
         assert (tmp_path / "docs" / fig).read_bytes().startswith(b"\x89PNG")
+    assert "fig_deletion_cost.png" in text
+    assert (tmp_path / "docs" / "fig_deletion_cost.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_deletion_cost_figure_takes_the_largest_sequential_run_per_model() -> None:
+    from pipelines.report import deletion_costs
+
+    runs = [
+        {"model": "wmf", "batch": 1, "requests": 50, "breakdown_mean_seconds": {}, "tag": "seq50"},
+        {"model": "wmf", "batch": 100, "requests": 100, "breakdown_mean_seconds": {}, "tag": "batch"},
+        {"model": "wmf", "batch": 1, "requests": 20, "shards": 10, "breakdown_mean_seconds": {}, "tag": "seq20"},
+        {"model": "wmf", "batch": 1, "requests": 80, "shards": 20, "breakdown_mean_seconds": {}, "tag": "k20"},
+        {"model": "bpr", "batch": 1, "requests": 5, "breakdown_mean_seconds": {}, "tag": "bpr"},
+        {"model": "lightgcn", "batch": 1, "requests": 9, "tag": "no breakdown"},
+    ]
+    assert {m: r["tag"] for m, r in deletion_costs(runs).items()} == {"wmf": "seq50", "bpr": "bpr"}
