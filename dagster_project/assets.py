@@ -26,6 +26,7 @@ from pipelines.forget import reapply_ledger
 from pipelines.retrain import model_config, retrain
 from pipelines.tracking import Tracker
 from receraser_core.data.interactions import csr_fingerprint
+from receraser_core.state_file import load_state
 
 GROUP = "receraser"
 #: Every asset's code version carries the pipeline configuration: changing the dataset, model, partitioner,
@@ -199,7 +200,7 @@ def aggregator(
     t0 = time.perf_counter()
     agg = steps.aggregate(run, cfg, context.log.info)
     seconds = time.perf_counter() - t0
-    fit = torch.load(run.aggregator, map_location="cpu", weights_only=False)["fit"]
+    fit = load_state(run.aggregator, "aggregator file")["fit"]
     tracker.log_run(
         receraser.experiment(),
         "aggregator",

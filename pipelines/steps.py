@@ -36,6 +36,7 @@ from receraser_core.metrics import DEFAULT_KS, evaluate
 from receraser_core.models import Recommender, build_model, load_model
 from receraser_core.models.lightgcn import LightGCN
 from receraser_core.partition import PARTITIONERS, Partition
+from receraser_core.state_file import load_state, save_state
 
 Log = Callable[[str], None]
 
@@ -336,7 +337,7 @@ def aggregate(
             "history": fit.history,
         },
     }
-    _atomic(run.aggregator, lambda p: torch.save(state, p))
+    save_state(run.aggregator, state)
     # the serving snapshot: everything `recommend` needs, independent of the shard model files, replaced only
     # here, so an interrupted unlearning keeps the previous model serving
     serving = {
@@ -345,7 +346,7 @@ def aggregate(
         "graph": inter.train if agg.config.loss == "lightgcn" else None,
         "train": inter.train,
     }
-    _atomic(run.serving, lambda p: torch.save(serving, p))
+    save_state(run.serving, serving)
     log(f"aggregator {cfg.aggregator}: {len(fit.history)} epochs, {fit.seconds:.1f} s")
     return agg
 
@@ -353,7 +354,7 @@ def aggregate(
 def load_aggregator(run: RunDir, cfg: PipelineConfig) -> Aggregator:
     inter = load_interactions(run.interactions)
     stack = shard_stack(run, cfg, inter, load_partition(run))
-    state = torch.load(run.aggregator, map_location="cpu", weights_only=False)
+    state = load_state(run.aggregator, "aggregator file")
     agg = AGGREGATORS[cfg.aggregator].restore(stack, cfg.agg_config(), state["state"])
     if agg.config.loss == "lightgcn":
         agg.set_graph(inter.train)
@@ -364,7 +365,7 @@ def load_serving(run: RunDir) -> tuple[Aggregator, sp.csr_matrix]:
     """The model currently serving recommendations, and the training matrix it was built on."""
     if not run.serving.exists():
         raise DataError(f"{run.serving}: no model has been built yet; run `receraser run` first")
-    state = torch.load(run.serving, map_location="cpu", weights_only=False)
+    state = load_state(run.serving, "serving snapshot")
     cfg = PipelineConfig.from_dict(state["config"])
     agg = AGGREGATORS[cfg.aggregator].restore(ShardStack.restore(state["stack"]), cfg.agg_config(), state["state"])
     if state["graph"] is not None:

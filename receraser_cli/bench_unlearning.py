@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from receraser_cli.dagster_jobs import _context, add_pipeline_arguments, apply_pipeline_env
+from receraser_core.state_file import load_state
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -25,7 +26,7 @@ def _inner_seconds(run: Any, shards: list[int]) -> dict[str, float]:
     from pipelines.steps import read_json
 
     shard = sum(float(read_json(run.shard_fit(k))["seconds"]) for k in shards)
-    agg = float(torch.load(run.aggregator, map_location="cpu", weights_only=False)["fit"]["seconds"])
+    agg = float(load_state(run.aggregator, "aggregator file")["fit"]["seconds"])
     ev = float(read_json(run.evaluation)["seconds"])
     return {"shard_training": shard, "aggregator_training": agg, "evaluation": ev}
 

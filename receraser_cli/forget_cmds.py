@@ -11,6 +11,7 @@ import torch
 
 from receraser_cli.dagster_jobs import _context, add_pipeline_arguments, apply_pipeline_env
 from receraser_core.data.interactions import DataError
+from receraser_core.state_file import load_state
 
 
 def _run_dir():  # noqa: ANN202
@@ -84,7 +85,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = ledger_for(rec).get()
     model = {}
     if run.serving.exists():
-        state = torch.load(run.serving, map_location="cpu", weights_only=False)
+        state = load_state(run.serving, "serving snapshot")
         model = {"built_at": Path(run.serving).stat().st_mtime, "training_records": int(state["train"].nnz)}
     applied = [r.id for r in rows if r.status == "applied"]
     if args.json:

@@ -26,6 +26,7 @@ from pipelines.tracking import MemoryTracker
 from receraser_core.aggregate import AGGREGATORS
 from receraser_core.data.readers import PROJECT_ROOT
 from receraser_core.models import build_model, load_model
+from receraser_core.state_file import load_state
 from tests.test_dagster import K, _cli, _env, _resource
 
 
@@ -119,7 +120,7 @@ def test_forgetting_is_exact(tmp_path: Path, model: str) -> None:
         # and so does the aggregator, retrained from its seeded initialisation on the remaining data
         agg = AGGREGATORS[cfg.aggregator](shard_stack(run, cfg, inter, part), cfg.agg_config())
         agg.fit(inter.train, inter.valid)
-        stored_agg = torch.load(run.aggregator, map_location="cpu", weights_only=False)["state"]
+        stored_agg = load_state(run.aggregator)["state"]
         assert all(torch.equal(stored_agg[n], agg.state_dict()[n]) for n in stored_agg)
         # the serving model no longer masks the forgotten item: it is a candidate again
         serving, train = load_serving(run)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from receraser_core.data.interactions import DataError
 from receraser_core.models.base import BaseConfig, ConfigError, FitResult, Recommender
 from receraser_core.models.bpr import BPR, BPRConfig
 from receraser_core.models.lightgcn import LightGCN, LightGCNConfig
 from receraser_core.models.wmf import WMF, WMFConfig
+from receraser_core.state_file import load_state
 
 MODELS: dict[str, type[Recommender]] = {"bpr": BPR, "wmf": WMF, "lightgcn": LightGCN}
 
@@ -25,7 +25,9 @@ def build_model(name: str, n_users: int, n_items: int, **config: Any) -> Recomme
 
 def load_model(path: Path) -> Recommender:
     """Load a model written by `Recommender.save`."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=False)
+    state = load_state(Path(path), "model file")
+    if not isinstance(state, dict) or state.get("model") not in MODELS:
+        raise DataError(f"{path}: not a receraser model file (no model name); rebuild with `receraser run --rebuild`")
     return MODELS[state["model"]].from_state_dict(state)
 
 

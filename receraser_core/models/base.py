@@ -23,6 +23,7 @@ import torch
 
 from receraser_core.data.interactions import csr_to_pairs
 from receraser_core.metrics import evaluate
+from receraser_core.state_file import save_state
 
 EpochLog = dict[str, float]
 Callback = Callable[[EpochLog], None]
@@ -241,12 +242,8 @@ class Recommender(ABC):
         }
 
     def save(self, path: Path) -> None:
-        """Write parameters and config to ``path`` (a torch file), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)
+        """Write parameters and config to ``path`` atomically, as a pickle-free state file (`state_file`)."""
+        save_state(path, self.state_dict())
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Recommender:

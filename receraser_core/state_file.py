@@ -1,0 +1,89 @@
+"""Pickle-free state files for models, aggregators and the serving snapshot.
+
+A state is a nested structure of dicts and lists whose leaves are torch tensors, numpy arrays, scipy sparse
+matrices or JSON values (str, int, float, bool, None). Arrays and sparse matrices are stored as tensors, so
+the file holds nothing but tensors and plain containers, and it is read back with
+``torch.load(weights_only=True)``: torch's restricted unpickler, which refuses any other object and so never
+runs code from the file. A missing, truncated or foreign file raises one `DataError` line naming the path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from receraser_core.data.interactions import DataError
+
+_ARRAY, _CSR = "__ndarray__", "__csr_matrix__"
+
+
+def _encode(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, np.ndarray):
+        return {_ARRAY: torch.from_numpy(np.ascontiguousarray(obj))}
+    if sp.issparse(obj):
+        m = sp.csr_matrix(obj)
+        return {
+            _CSR: [int(m.shape[0]), int(m.shape[1])],
+            "indptr": torch.from_numpy(m.indptr.astype(np.int64)),
+            "indices": torch.from_numpy(m.indices.astype(np.int64)),
+            "data": torch.from_numpy(np.ascontiguousarray(m.data)),
+        }
+    if isinstance(obj, dict):
+        return {str(k): _encode(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_encode(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a state file")
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if _ARRAY in obj:
+            return obj[_ARRAY].numpy()
+        if _CSR in obj:
+            parts = (obj["data"].numpy(), obj["indices"].numpy().astype(np.int32), obj["indptr"].numpy())
+            return sp.csr_matrix(parts, shape=tuple(obj[_CSR]))
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
+
+
+def save_state(path: Path, state: Any) -> None:
+    """Write ``state`` to ``path`` atomically (a temporary file, flushed to disk, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(_encode(state), fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def load_state(path: Path, what: str = "state file") -> Any:
+    """Read a file written by `save_state`; any other content (a pickle of other objects, a truncated or
+    garbled file) is refused with one line naming the file, without running anything from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError ... depending on the damage
+        text = " ".join(str(exc).split())
+        if "weights_only" in text or "Unsupported global" in text:
+            reason = "it holds objects other than tensors and plain values (not written by this receraser version)"
+        else:
+            reason = f"truncated or damaged ({text.split('. ')[0][:120] or type(exc).__name__})"
+        raise DataError(f"{path}: cannot read this {what}: {reason}; rebuild with `receraser run --rebuild`") from None
+    return _decode(state)
