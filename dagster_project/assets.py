@@ -26,7 +26,7 @@ from pipelines.forget import reapply_ledger
 from pipelines.retrain import model_config, retrain
 from pipelines.tracking import Tracker
 from receraser_core.data.interactions import csr_fingerprint
-from receraser_core.state_file import load_state
+from receraser_core.state_file import integrity, load_state
 
 GROUP = "receraser"
 #: Every asset's code version carries the pipeline configuration: changing the dataset, model, partitioner,
@@ -95,9 +95,12 @@ def _params(rec: ReceraserResource, **extra: Any) -> dict[str, Any]:
 def interactions(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """The dataset, id-mapped and split into train / valid / test (minus applied deletions)."""
     run = receraser.run_dir()
-    if run.interactions.exists():
+    stored = integrity(run.interactions)
+    if stored == "ok":
         inter = steps.load_interactions(run.interactions)  # the store, redacted by every applied deletion
     else:
+        if stored == "corrupt":
+            context.log.warning(f"{run.interactions}: corrupt; rebuilding it from the source minus applied deletions")
         steps.prepare(run, receraser.pipeline_config(), receraser.data_path(), context.log.info)
         inter = reapply_ledger(run, ledger_for(receraser))  # a store rebuilt from source never resurrects records
     version = _hash_arrays(
@@ -114,7 +117,7 @@ def wmf_embeddings(context: AssetExecutionContext, receraser: ReceraserResource)
     """Pretrained WMF user and item vectors, used only to partition."""
     run = receraser.run_dir()
     if run.embeddings.exists() and _run_tags(context).get("receraser/keep_interactions") == "1":
-        with np.load(run.embeddings) as z:  # forgetting keeps the partition embeddings (DESIGN.md 3.6)
+        with steps.read_npz(run.embeddings) as z:  # forgetting keeps the partition embeddings (DESIGN.md 3.6)
             u, i = z["user"], z["item"]
     else:
         u, i = steps.pretrain(run, receraser.pipeline_config(), context.log.info)

@@ -23,6 +23,7 @@ from dagster_project.partitions import shard_partitions
 from dagster_project.resources import ReceraserResource
 from pipelines.steps import RunDir
 from pipelines.tracking import Tracker
+from receraser_core.state_file import integrity
 
 PARTITIONED = {"shard_data", "shard_model"}
 ORDER = [
@@ -100,23 +101,26 @@ def _dagster_status(instance: DagsterInstance, resolver: Any, asset: str, partit
     return "stale" if resolver.get_status(key, partition) == StaleStatus.STALE else "fresh"
 
 
-def _files(run: RunDir | None, name: str, part: str | None) -> bool:
-    """Whether the run directory still holds what the asset (partition) produced; True when not checked."""
+def _files(run: RunDir | None, name: str, part: str | None) -> str:
+    """'ok', 'missing' or 'corrupt': whether the run directory still holds what the asset (partition) wrote,
+    as written (content hashes, `state_file.integrity`); 'ok' when not checked."""
     if run is None:
-        return True
+        return "ok"
+    if name == "retrain_model":
+        return "ok" if (run.root / "retrain").exists() else "missing"
     paths = {
-        "interactions": run.interactions,
-        "wmf_embeddings": run.embeddings,
-        "shard_assignment": run.assignment,
-        "aggregator": run.aggregator,
-        "evaluation": run.evaluation,
-        "retrain_model": run.root / "retrain",
+        "interactions": [run.interactions],
+        "wmf_embeddings": [run.embeddings],
+        "shard_assignment": [run.assignment, run.diagnostics],
+        "aggregator": [run.aggregator, run.serving],
+        "evaluation": [run.evaluation],
     }
     if name == "shard_data":
-        return run.shard_data(int(str(part))).exists()
+        paths[name] = [run.shard_data(int(str(part)))]
     if name == "shard_model":
-        return run.shard_model(int(str(part))).exists()
-    return paths[name].exists()
+        paths[name] = [run.shard_model(int(str(part))), run.shard_fit(int(str(part)))]
+    states = {integrity(p) for p in paths[name]}
+    return "missing" if "missing" in states else "corrupt" if "corrupt" in states else "ok"
 
 
 def _parent_labels(name: str, part: str | None, keys: Sequence[str]) -> list[str]:
@@ -146,8 +150,9 @@ def graph_status(instance: DagsterInstance, include_retrain: bool = False, run: 
         for part in parts:
             label = f"{name}[{part}]" if part is not None else name
             state = _dagster_status(instance, resolver, name, part)
-            if state != "missing" and not _files(run, name, part):
-                state = "missing"  # recorded by Dagster, but the run directory lost it (or never had it)
+            files = _files(run, name, part) if state != "missing" else "ok"
+            if files != "ok":
+                state = files  # recorded by Dagster, but the run directory lost it or it was damaged
             if state == "fresh" and any(out.get(p, "fresh") != "fresh" for p in _parent_labels(name, part, keys)):
                 state = "stale"
             out[label] = state
@@ -216,7 +221,9 @@ def materialize_names(
     tags: dict[str, str] | None = None,
 ) -> str:
     """One Dagster run materializing ``names`` (and ``partition`` of the partitioned ones)."""
-    level = "DEBUG" if os.environ.get("RECERASER_VERBOSE") else "WARNING"  # events still reach the instance / UI
+    # events always reach the instance and the UI; on the console a failed step is its one line from the CLI
+    # (raise_on_error re-raises it), its stack trace only with RECERASER_VERBOSE
+    level = "DEBUG" if os.environ.get("RECERASER_VERBOSE") else "CRITICAL"
     result = materialize(
         ASSETS,
         selection=list(names),

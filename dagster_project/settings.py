@@ -16,6 +16,7 @@ from typing import Any
 
 from pipelines.config import PipelineConfig
 from receraser_core.data.readers import PROJECT_ROOT
+from receraser_core.models.base import ConfigError
 
 
 def state_dir() -> Path:
@@ -29,20 +30,33 @@ def data_dir() -> Path | None:
 
 
 def load_pipeline_config() -> PipelineConfig:
+    """The configuration from the file and the environment; a bad value is one `ConfigError` line naming the
+    file or the variable it came from."""
     values: dict[str, Any] = {}
     path = Path(os.environ.get("RECERASER_CONFIG", state_dir() / "receraser.json"))
     if path.exists():
-        values.update(json.loads(path.read_text()))
+        try:
+            values.update(json.loads(path.read_text()))
+            PipelineConfig.from_dict(values)
+        except (ValueError, TypeError, AttributeError) as exc:  # JSON, a field's value, or not an object
+            raise ConfigError(f"{path}: {exc}") from None
     for f in dataclasses.fields(PipelineConfig):
-        env = os.environ.get(f"RECERASER_{f.name.upper()}")
+        name = f"RECERASER_{f.name.upper()}"
+        env = os.environ.get(name)
         if env is None:
             continue
-        if f.type in ("int", int):
-            values[f.name] = int(env)
-        elif f.type in ("str", str):
-            values[f.name] = env
-        else:
-            values[f.name] = json.loads(env)
+        try:
+            if f.type in ("int", int):
+                values[f.name] = int(env)
+            elif f.type in ("str", str):
+                values[f.name] = env
+            else:
+                values[f.name] = json.loads(env)
+            PipelineConfig.from_dict(values)
+        except (ValueError, TypeError) as exc:
+            want = "an integer" if f.type in ("int", int) else "a string" if f.type in ("str", str) else "JSON"
+            detail = str(exc) if isinstance(exc, ConfigError) else f"expected {want}"
+            raise ConfigError(f"{name}={env!r}: {detail}") from None
     return PipelineConfig.from_dict(values)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from dagster import DagsterInstance
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from dagster_project.orchestrate import materialize_names
 from dagster_project.partitions import shard_partitions
@@ -62,7 +62,25 @@ def unlearn_pending(
     applier, then raises `ApplierBusy`), so two appliers never redact the same state."""
     ledger = ledger_for(rec)
     with ledger.applier(owner, wait=wait):
+        fail_abandoned_runs(instance, log)
         return _apply_outstanding(instance, rec, tracker, ledger, log)
+
+
+def fail_abandoned_runs(instance: DagsterInstance, log: Callable[[str], None] = print) -> list[str]:
+    """Mark failed the deletion runs (tagged ``receraser/deletions``) that Dagster still shows as started or
+    starting: called while holding the applier lock, so no live process can own them (a killed applier left
+    them). Returns their run ids."""
+    stuck = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING]))
+    ids = []
+    for dagster_run in stuck:
+        if "receraser/deletions" in dagster_run.tags:
+            instance.report_run_failed(
+                dagster_run, "abandoned: the process applying this deletion ended before the run finished"
+            )
+            ids.append(dagster_run.run_id)
+    if ids:
+        log(f"marked {len(ids)} abandoned deletion run(s) failed: {', '.join(i[:8] for i in ids)}")
+    return ids
 
 
 def _apply_outstanding(

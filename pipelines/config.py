@@ -79,6 +79,21 @@ SHARD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Upper bound on K whatever the data: each shard is a Dagster partition with its own model file and run. The
+#: data sets a tighter bound (no shard may be empty), checked by `pipelines.steps.check_shards` before any training.
+MAX_SHARDS = 1024
+
+
+def shard_units(partitioner: str, train: Any) -> tuple[int, str]:
+    """How many units the partitioner deals out to shards, and what they are: users (UBP), items (IBP), else
+    interactions. K above this count leaves a shard empty."""
+    if partitioner == "ubp":
+        return int((train.getnnz(axis=1) > 0).sum()), "users"
+    if partitioner == "ibp":
+        return int((train.getnnz(axis=0) > 0).sum()), "items"
+    return int(train.nnz), "interactions"
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Everything that determines a RecEraser model. Same config + data = same model (bit for bit on CPU)."""
@@ -104,8 +119,8 @@ class PipelineConfig:
             raise ConfigError(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATORS)}")
         if self.shard_valid not in ("local", "global"):
             raise ConfigError(f"shard_valid must be 'local' or 'global', got {self.shard_valid!r}")
-        if self.n_shards < 1:
-            raise ConfigError(f"n_shards must be >= 1, got {self.n_shards}")
+        if not 1 <= self.n_shards <= MAX_SHARDS:
+            raise ConfigError(f"n_shards must be between 1 and {MAX_SHARDS}, got {self.n_shards}")
 
     def agg_config(self) -> AggConfig:
         values = {**AGG_DEFAULTS[self.model], "seed": self.seed, **self.agg_overrides}

@@ -21,7 +21,16 @@ import numpy as np
 import scipy.sparse as sp
 
 from pipelines.ledger import Ledger, NewRequest, Request
-from pipelines.steps import RunDir, _atomic, _save_npz, assignment_matches, load_interactions, save_interactions
+from pipelines.steps import (
+    RunDir,
+    _atomic,
+    _save_npz,
+    assignment_matches,
+    fault_point,
+    load_interactions,
+    read_npz,
+    save_interactions,
+)
 from receraser_core.data.interactions import DataError, Interactions, csr_fingerprint, pairs_to_csr
 
 
@@ -122,7 +131,7 @@ def _positions(inter: Interactions, requests: Sequence[Request]) -> dict[int, np
 def locate(run: RunDir, requests: Sequence[Request]) -> Located:
     """Positions (train CSR order) and shards of the records the requests name that are still stored."""
     inter = load_interactions(run.interactions)
-    with np.load(run.assignment) as z:
+    with read_npz(run.assignment) as z:
         assignment = z["assignment"]
     by_request = _positions(inter, requests)
     positions = _all_positions(by_request)
@@ -137,7 +146,7 @@ def redact(run: RunDir, requests: Sequence[Request]) -> tuple[Interactions, int]
     an earlier read, so a second redaction of the same requests removes nothing. (Positions from an earlier
     read, applied after another redaction, point at *other* records of the same users.)"""
     inter = load_interactions(run.interactions)
-    with np.load(run.assignment) as z:
+    with read_npz(run.assignment) as z:
         assignment = z["assignment"]
     positions = _all_positions(_positions(inter, requests))
     if len(positions) == 0:
@@ -146,6 +155,7 @@ def redact(run: RunDir, requests: Sequence[Request]) -> tuple[Interactions, int]
     new_assignment = np.delete(assignment, positions)
     fp = csr_fingerprint(train)
     _atomic(run.assignment, lambda p: _save_npz(p, assignment=new_assignment, train_fingerprint=np.array(fp)))
+    fault_point(run, "redact")
     redacted = inter.with_train(train)
     save_interactions(run.interactions, redacted)
     return redacted, len(positions)
@@ -157,7 +167,7 @@ def finish_interrupted_redaction(run: RunDir, requests: Sequence[Request]) -> bo
         return False
     inter = load_interactions(run.interactions)
     train = _without(inter.train, _all_positions(_positions(inter, requests)))
-    with np.load(run.assignment) as z:
+    with read_npz(run.assignment) as z:
         expected = str(z["train_fingerprint"]) if "train_fingerprint" in z else ""
     if csr_fingerprint(train) != expected:
         raise ForgetError(

@@ -134,6 +134,13 @@ class Ledger:
         con.row_factory = sqlite3.Row
         try:
             yield con
+        except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc) or "malformed" in str(exc):  # not "locked" and the like
+                raise DataError(
+                    f"{self.path}: the deletion ledger is damaged ({exc}); restore it from a backup (it is the "
+                    "record of what was forgotten, so nothing can rebuild it); nothing was changed"
+                ) from None
+            raise
         finally:
             con.close()
 

@@ -15,10 +15,12 @@ Writes are atomic (temporary file, then rename), so an interrupted step never le
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from pipelines.config import SHARD_DEFAULTS, PipelineConfig
+from pipelines.config import SHARD_DEFAULTS, PipelineConfig, shard_units
 from pipelines.retrain import model_config
 from receraser_core.aggregate import AGGREGATORS, Aggregator, ShardStack
 from receraser_core.data.interactions import DataError, Interactions, csr_fingerprint
@@ -36,7 +38,7 @@ from receraser_core.metrics import DEFAULT_KS, evaluate
 from receraser_core.models import Recommender, build_model, load_model
 from receraser_core.models.lightgcn import LightGCN
 from receraser_core.partition import PARTITIONERS, Partition
-from receraser_core.state_file import load_state, save_state
+from receraser_core.state_file import check, load_state, save_state, seal
 
 Log = Callable[[str], None]
 
@@ -50,7 +52,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
-    os.replace(tmp, path)
+    seal(tmp, path)  # in place, with its content hash beside it
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -61,9 +63,11 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    if not path.exists():
-        raise DataError(f"{path}: missing; run the step that produces it first")
-    return json.loads(path.read_text())
+    check(path, "file")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # only a file written before hashes were kept gets here
+        raise DataError(f"{path}: not valid JSON ({exc}); `receraser run --rebuild` rebuilds it") from None
 
 
 def save_interactions(path: Path, inter: Interactions) -> None:
@@ -81,9 +85,8 @@ def save_interactions(path: Path, inter: Interactions) -> None:
 
 
 def load_interactions(path: Path) -> Interactions:
-    if not path.exists():
-        raise DataError(f"{path}: missing; run `prepare` first")
-    with np.load(path, allow_pickle=False) as z:
+    check(path, "interactions file")
+    with read_npz(path) as z:
         meta = json.loads(str(z["meta"]))
         shape = tuple(meta["shape"])
         mats = {}
@@ -124,10 +127,21 @@ class RunDir:
 def prepare(run: RunDir, cfg: PipelineConfig, data_dir: Path | None = None, log: Log = _quiet) -> Interactions:
     """Load the dataset, split it, store it as ``interactions.npz``."""
     inter = load_dataset(cfg.dataset, data_dir, cfg.split_seed)
+    check_shards(cfg, inter)
     save_interactions(run.interactions, inter)
     write_json(run.config, cfg.to_dict())
     log(f"prepared {inter.name}: {inter.train.nnz:,} train / {inter.valid.nnz:,} valid / {inter.test.nnz:,} test")
     return inter
+
+
+def check_shards(cfg: PipelineConfig, inter: Interactions) -> None:
+    """K must leave no shard empty: at most the number of units the partitioner deals out."""
+    units, what = shard_units(cfg.partitioner, inter.train)
+    if cfg.n_shards > units:
+        raise DataError(
+            f"{cfg.n_shards} shards is more than the {units:,} training {what} of {inter.name} that the "
+            f"{cfg.partitioner} partitioner deals out: some shards would be empty; use --shards {units:,} or fewer"
+        )
 
 
 def pretrain(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> tuple[np.ndarray, np.ndarray]:
@@ -141,6 +155,17 @@ def pretrain(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> tuple[np.nd
     return u, i
 
 
+@contextlib.contextmanager
+def read_npz(path: Path) -> Iterator[Any]:
+    """An .npz artifact, checked against its hash, read without pickle; damage is one line naming the file."""
+    check(path, "file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            yield z
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: cannot read ({exc}); `receraser run --rebuild` rebuilds it") from None
+
+
 def _save_npz(path: Path, **arrays: Any) -> None:
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
@@ -151,7 +176,7 @@ def partition(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> Partition:
     inter = load_interactions(run.interactions)
     kwargs: dict[str, Any] = {"max_iter": cfg.partition_iters}
     if cfg.partitioner != "random":
-        with np.load(run.embeddings) as z:
+        with read_npz(run.embeddings) as z:
             kwargs.update(user_emb=z["user"], item_emb=z["item"])
     t0 = time.perf_counter()
     part = PARTITIONERS[cfg.partitioner](inter.train, cfg.n_shards, cfg.seed, **kwargs)
@@ -167,7 +192,7 @@ def partition(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> Partition:
 
 def assignment_matches(run: RunDir, train: sp.csr_matrix) -> bool:
     """True when the stored shard assignment belongs to ``train`` (its recorded fingerprint, else its length)."""
-    with np.load(run.assignment) as z:
+    with read_npz(run.assignment) as z:
         if "train_fingerprint" not in z:
             return len(z["assignment"]) == train.nnz
         return str(z["train_fingerprint"]) == csr_fingerprint(train)
@@ -175,9 +200,7 @@ def assignment_matches(run: RunDir, train: sp.csr_matrix) -> bool:
 
 def load_partition(run: RunDir, inter: Interactions | None = None) -> Partition:
     """The stored partition, checked against the stored (or given) interactions."""
-    if not run.assignment.exists():
-        raise DataError(f"{run.assignment}: missing; run `partition` first")
-    with np.load(run.assignment) as z:
+    with read_npz(run.assignment) as z:
         assignment = z["assignment"]
     train = (inter if inter is not None else load_interactions(run.interactions)).train
     if not assignment_matches(run, train):
@@ -216,9 +239,7 @@ def write_shard_data(run: RunDir, k: int) -> sp.csr_matrix:
 
 def load_shard_data(run: RunDir, k: int) -> sp.csr_matrix:
     path = run.shard_data(k)
-    if not path.exists():
-        raise DataError(f"{path}: missing; materialize shard_data[{k}] first")
-    with np.load(path) as z:
+    with read_npz(path) as z:
         indices = z["indices"]
         return sp.csr_matrix((np.ones(len(indices), np.float32), indices, z["indptr"]), shape=tuple(z["shape"]))
 
@@ -230,14 +251,16 @@ def shard_model_config(cfg: PipelineConfig, dataset: str, k: int) -> dict[str, A
     return model_config(cfg.model, dataset, overrides)
 
 
-def _fault_injection(run: RunDir, k: int) -> None:
-    """Testing hook for the crash / failure tests: ``RECERASER_FAULT_INJECTION=fail_shard`` makes shard training
-    raise, ``hang_shard`` makes it write ``fault-hang-started`` in the run directory and sleep (to be killed)."""
+def fault_point(run: RunDir, point: str) -> None:
+    """Testing hook for the crash / failure tests, at ``point`` ("redact": between the two writes of a
+    redaction, "shard": before a shard fit, "aggregator": before the aggregator fit).
+    ``RECERASER_FAULT_INJECTION=fail_<point>`` raises there; ``hang_<point>`` writes ``fault-hang-started`` in
+    the run directory and sleeps (to be killed)."""
     fault = os.environ.get("RECERASER_FAULT_INJECTION", "")
-    if fault == "fail_shard":
-        raise RuntimeError(f"injected failure while training shard {k} (RECERASER_FAULT_INJECTION=fail_shard)")
-    if fault == "hang_shard":
-        (run.root / "fault-hang-started").write_text(str(k))
+    if fault == f"fail_{point}":
+        raise RuntimeError(f"injected failure at {point} (RECERASER_FAULT_INJECTION={fault})")
+    if fault == f"hang_{point}":
+        (run.root / "fault-hang-started").write_text(point)
         time.sleep(3600)
 
 
@@ -248,7 +271,7 @@ def train_shard(
 
     The data is ``shard`` if given, else the stored ``shards/<k>/data.npz``, else computed from the
     interactions and the shard assignment."""
-    _fault_injection(run, k)
+    fault_point(run, "shard")
     inter = load_interactions(run.interactions)
     if shard is not None:
         data = shard
@@ -322,6 +345,7 @@ def aggregate(
     run: RunDir, cfg: PipelineConfig, log: Log = _quiet, callback: Callable[[dict[str, float]], None] | None = None
 ) -> Aggregator:
     """Train the aggregator on all remaining training data (submodels frozen), from its seeded init."""
+    fault_point(run, "aggregator")
     inter = load_interactions(run.interactions)
     stack = shard_stack(run, cfg, inter, load_partition(run))
     agg = AGGREGATORS[cfg.aggregator](stack, cfg.agg_config())

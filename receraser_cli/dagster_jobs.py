@@ -8,9 +8,20 @@ import os
 import time
 from pathlib import Path
 
+from pipelines.config import MAX_SHARDS
 from pipelines.run import format_metrics
 
 CONFIG_FLAGS = {"dataset": str, "model": str, "partitioner": str, "aggregator": str, "n_shards": int, "seed": int}
+
+
+def _shards(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= k <= MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_SHARDS}, got {k}")
+    return k
 
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,7 +31,13 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
         "--partitioner", choices=["random", "ubp", "ibp", "inbp", "graph_eraser"], help="partitioner (default inbp)"
     )
     p.add_argument("--aggregator", choices=["mean", "static", "attention"], help="aggregator (default attention)")
-    p.add_argument("--shards", dest="n_shards", type=int, help="number of shards K (default 10)")
+    p.add_argument(
+        "--shards",
+        dest="n_shards",
+        type=_shards,
+        help=f"number of shards K, 1 to {MAX_SHARDS} and at most the users (UBP), items (IBP) or interactions "
+        "(others) the partitioner deals out (default 10)",
+    )
     p.add_argument("--seed", type=int, help="seed of pretraining, partition, submodels, aggregator (default 0)")
     p.add_argument("--state-dir", type=Path, help="project state directory (default ./state or $RECERASER_HOME)")
     p.add_argument("--data-dir", type=Path, help="dataset directory (default: see `receraser --help`)")
@@ -56,7 +73,9 @@ def _context():  # noqa: ANN202
 def cmd_run(args: argparse.Namespace) -> int:
     apply_pipeline_env(args)
     from dagster_project.orchestrate import run_graph
+    from dagster_project.resources import ledger_for
     from dagster_project.settings import state_dir
+    from dagster_project.unlearn import unlearn_pending
 
     t0 = time.perf_counter()
     instance, rec, tracker = _context()
@@ -67,6 +86,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         flush=True,
     )
     workers = 2 if args.executor == "multiprocess" else 1
+    interrupted = [r.id for r in ledger_for(rec).outstanding() if r.status == "applying"]
+    if interrupted:  # finish them first: a rebuild alone would leave them "applying" though applied
+        print(f"  finishing interrupted deletion request(s) {', '.join(map(str, interrupted))} first", flush=True)
+        unlearn_pending(instance, rec, tracker, log=lambda m: print(f"  {m}", flush=True))
     runs = run_graph(
         instance, rec, tracker, workers=workers, log=lambda m: print(f"  {m}", flush=True), rebuild=args.rebuild
     )
@@ -151,7 +174,11 @@ def add_dagster_parsers(sub: argparse._SubParsersAction) -> None:
     mat.add_argument("--executor", choices=["in_process", "multiprocess"], default="in_process")
     mat.set_defaults(func=cmd_materialize)
 
-    assets = sub.add_parser("assets", help="status of every asset and shard partition: missing, stale or fresh")
+    assets = sub.add_parser(
+        "assets",
+        help="status of every asset and shard partition: missing, corrupt (content differs from its "
+        "recorded hash), stale or fresh",
+    )
     add_pipeline_arguments(assets)
     assets.add_argument("--json", action="store_true")
     assets.set_defaults(func=cmd_assets)

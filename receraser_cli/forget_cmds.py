@@ -111,6 +111,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     apply_pipeline_env(args)
     from pipelines.steps import load_interactions, load_serving
@@ -127,7 +137,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         scores = agg.score(torch.tensor([u]))[0].clone()
     seen = train.indices[train.indptr[u] : train.indptr[u + 1]]
     scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
-    top = torch.topk(scores, min(args.n, len(scores))).indices.tolist()
+    rankable = len(scores) - len(np.unique(seen))  # training items are never recommended
+    top = torch.topk(scores, min(args.n, rankable)).indices.tolist()
     titles = load_titles(inter)
     print(f"top {len(top)} for user {args.user} ({len(seen)} training items masked):")
     for rank, i in enumerate(top, start=1):
@@ -178,6 +189,11 @@ def add_forget_parsers(sub: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser("recommend", help="top-N items for a user from the current aggregated model")
     r.add_argument("--user", required=True, help="original user id")
-    r.add_argument("-n", type=int, default=10, help="how many items (default 10)")
+    r.add_argument(
+        "-n",
+        type=_positive,
+        default=10,
+        help="how many items (default 10); fewer when the user has fewer items left to rank (not trained on)",
+    )
     add_pipeline_arguments(r)
     r.set_defaults(func=cmd_recommend)

@@ -1,4 +1,9 @@
-"""Pickle-free state files for models, aggregators and the serving snapshot.
+"""Pickle-free state files for models, aggregators and the serving snapshot, and content hashes for every
+file the pipeline writes.
+
+Every artifact is moved into place by `seal`, which records the SHA-256 of its content in ``<file>.sha256``
+beside it; `check` compares before a file is read, so a truncated or altered file is reported by name instead
+of being read. A file without a hash (written before hashes were kept) is read as it is.
 
 A state is a nested structure of dicts and lists whose leaves are torch tensors, numpy arrays, scipy sparse
 matrices or JSON values (str, int, float, bool, None). Arrays and sparse matrices are stored as tensors, so
@@ -9,6 +14,7 @@ runs code from the file. A missing, truncated or foreign file raises one `DataEr
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -59,8 +65,54 @@ def _decode(obj: Any) -> Any:
     return obj
 
 
+def checksum_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def seal(tmp: Path, path: Path) -> None:
+    """Move the finished temporary file ``tmp`` to ``path`` and record its content hash beside it. A crash
+    between the two renames leaves a hash that does not match: the file then counts as corrupt and is rebuilt."""
+    digest = _digest(tmp)
+    os.replace(tmp, path)
+    side = checksum_path(path)
+    side_tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
+    side_tmp.write_text(digest + "\n")
+    os.replace(side_tmp, side)
+
+
+def integrity(path: Path) -> str:
+    """'ok', 'missing' or 'corrupt' (content differs from the hash recorded when it was written)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    side = checksum_path(path)
+    if not path.is_file() or (side.exists() and side.read_text().strip() != _digest(path)):
+        return "corrupt"
+    return "ok"
+
+
+def check(path: Path, what: str) -> None:
+    """Raise one `DataError` line naming ``path`` if it is missing or not what was written."""
+    state = integrity(path)
+    if state == "missing":
+        raise DataError(f"{path}: {what} is missing; `receraser run` rebuilds it")
+    if state == "corrupt":
+        raise DataError(
+            f"{path}: {what} is corrupt (its content differs from the hash recorded when it was written); "
+            "`receraser run` rebuilds it"
+        )
+
+
 def save_state(path: Path, state: Any) -> None:
-    """Write ``state`` to ``path`` atomically (a temporary file, flushed to disk, then renamed)."""
+    """Write ``state`` to ``path`` atomically (a temporary file, flushed to disk, then renamed) with its hash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -68,15 +120,14 @@ def save_state(path: Path, state: Any) -> None:
         torch.save(_encode(state), fh)
         fh.flush()
         os.fsync(fh.fileno())
-    tmp.replace(path)
+    seal(tmp, path)
 
 
 def load_state(path: Path, what: str = "state file") -> Any:
     """Read a file written by `save_state`; any other content (a pickle of other objects, a truncated or
     garbled file) is refused with one line naming the file, without running anything from it."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {what} is missing")
+    check(path, what)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError ... depending on the damage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,65 @@ def test_bench_retrain_rejects_bad_overrides(tmp_path: Path, capsys: pytest.Capt
     assert "lr must be float" in capsys.readouterr().err
     assert main(["bench", "retrain", "--dataset", table, "--model", "bpr", "--set", "lr=-1"]) == 2
     assert "lr > 0" in capsys.readouterr().err
+
+
+def test_columns_named_in_the_dataset_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("who,what\n" + "".join(f"{u},{i}\n" for u in range(10) for i in range(u, u + 6)))
+    assert main(["data", "info", f"csv:{path}"]) == 2
+    err = capsys.readouterr().err
+    assert "missing column" in err and "csv:PATH?user=COLUMN&item=COLUMN" in err  # what it suggests exists
+    assert main(["data", "info", f"csv:{path}?user=who&item=what", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["interactions"] == 60
+    assert main(["data", "info", f"csv:{path}?person=who"]) == 2
+    assert "only user=COLUMN and item=COLUMN" in capsys.readouterr().err
+
+
+def test_settings_from_the_environment_are_checked_and_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dagster_project.settings import load_pipeline_config
+    from receraser_core.models import ConfigError
+
+    monkeypatch.setenv("RECERASER_HOME", "/nonexistent-receraser-home")
+    for name, value, needle in (
+        ("RECERASER_N_SHARDS", "abc", "RECERASER_N_SHARDS='abc': expected an integer"),
+        ("RECERASER_N_SHARDS", "0", "RECERASER_N_SHARDS='0': n_shards must be between 1 and"),
+        ("RECERASER_N_SHARDS", "5000", "n_shards must be between 1 and 1024"),
+        ("RECERASER_MODEL", "svd", "RECERASER_MODEL='svd': unknown model"),
+        ("RECERASER_AGG_OVERRIDES", "{not json", "RECERASER_AGG_OVERRIDES='{not json': expected JSON"),
+    ):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(ConfigError) as err:
+                load_pipeline_config()
+            assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_too_many_shards_is_refused_before_any_work(tmp_path: Path) -> None:
+    env = {**os.environ, "RECERASER_HOME": str(tmp_path / "state"), "DAGSTER_HOME": ""}
+    env.pop("DAGSTER_HOME")
+    big = subprocess.run(
+        [sys.executable, "-m", "receraser_cli.main", "run", "--shards", "100000"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert big.returncode == 2 and "argument --shards: must be between 1 and 1024" in big.stderr
+    data = _table(tmp_path)  # 10 users
+    proc = subprocess.run(
+        [sys.executable, "-m", "receraser_cli.main", "run", "--dataset", f"csv:{data}", "--partitioner", "ubp"]
+        + ["--shards", "11"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        "receraser: error: 11 shards is more than the 10 training users of "
+        f"csv:{data} that the ubp partitioner deals out: some shards would be empty; use --shards 10 or fewer"
+    ]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "state" / "pipeline").exists() or not list((tmp_path / "state" / "pipeline").rglob("*.npz"))

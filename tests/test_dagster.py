@@ -134,7 +134,7 @@ def test_graph_in_process_one_shard_and_staleness(tmp_path: Path) -> None:
 
         redacted = inter.with_train(pairs_to_csr(train.row[keep], train.col[keep], *inter.train.shape))
         steps.save_interactions(run.interactions, redacted)
-        np.savez(run.assignment, assignment=part.assignment[keep])
+        steps._atomic(run.assignment, lambda p: steps._save_npz(p, assignment=part.assignment[keep]))
         for k in range(K):
             materialize_names(instance, ["shard_data"], rec, tracker, partition=str(k))
         assert status(instance, "shard_model", "2") == "stale"

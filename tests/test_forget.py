@@ -223,6 +223,15 @@ def test_cli_forget_kill_and_fail_then_recover(tmp_path: Path) -> None:
     assert run.serving.read_bytes() != serving_before
     rec_out = _cli(["recommend", "--user", "u3", "-n", "3"], env)
     assert rec_out.returncode == 0 and "0 training items masked" in rec_out.stdout
+    # -n beyond what is left to rank lists only rankable items; -n below 1 is refused in one line
+    many = _cli(["recommend", "--user", "u0", "-n", "1000000000"], env)
+    masked = int(many.stdout.split("(")[1].split()[0])
+    listed = [line for line in many.stdout.splitlines()[1:] if line.strip()]
+    n_items = load_interactions(run.interactions).n_items
+    assert many.returncode == 0 and masked > 0 and len(listed) == n_items - masked and "-inf" not in many.stdout
+    for bad in ("0", "-1", "x"):
+        refused = _cli(["recommend", "--user", "u0", "-n", bad], env)
+        assert refused.returncode == 2 and "argument -n" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_sensor_launches_the_unlearn_job(tmp_path: Path) -> None:
@@ -369,3 +378,51 @@ def test_applier_lock_names_its_holder_and_survives_a_crash(tmp_path: Path) -> N
         else:
             with ledger.applier("local"):
                 pass
+
+
+def test_killed_at_three_points_the_next_command_finishes_the_request(tmp_path: Path) -> None:
+    """kill -9 during the redaction (between its two writes), a shard fit and the aggregator fit: the next
+    `unlearn` or `run` completes the request (applied, the records gone), and the abandoned Dagster run is
+    marked failed instead of showing as running forever."""
+    from dagster import DagsterInstance, DagsterRunStatus
+
+    env = _env(tmp_path)
+    assert _cli(["run"], env).returncode == 0
+    (run_root_dir,) = (tmp_path / "state" / "pipeline").iterdir()
+    run = RunDir(run_root_dir)
+    marker = run.root / "fault-hang-started"
+    for n, (point, recover) in enumerate((("redact", "unlearn"), ("shard", "run"), ("aggregator", "unlearn"))):
+        user = f"u{10 * n + 1}"
+        assert _cli(["forget", "--user", user, "--all"], env).returncode == 0
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "receraser_cli.main", "unlearn"],
+            env={**env, "RECERASER_FAULT_INJECTION": f"hang_{point}"},
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.read_text() == point
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        marker.unlink()
+        assert json.loads(_cli(["status", "--json"], env).stdout)["requests"][-1]["status"] == "applying"
+
+        done = _cli([recover], env)
+        assert done.returncode == 0, (point, done.stderr[-2000:])
+        rows = json.loads(_cli(["status", "--json"], env).stdout)["requests"]
+        assert [r["status"] for r in rows] == ["applied"] * (n + 1), point
+        inter = load_interactions(run.interactions)
+        u = inter.user_index(user)
+        assert inter.train[u].nnz == 0, point
+        instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
+        stuck = [r for r in instance.get_runs() if r.status in (DagsterRunStatus.STARTED, DagsterRunStatus.STARTING)]
+        assert stuck == [], point
+        if point != "redact":  # a Dagster run was under way when the applier died: now marked failed
+            assert "abandoned deletion run(s) failed" in done.stdout, point
+            failed = [r for r in instance.get_runs() if r.status == DagsterRunStatus.FAILURE]
+            assert any("receraser/deletions" in r.tags for r in failed), point
+        instance.dispose()

@@ -121,7 +121,7 @@ def test_same_config_same_models_and_parallel_equals_sequential(tmp_path: Path) 
 def test_steps_need_their_inputs(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     run = RunDir(tmp_path / "empty")
-    with pytest.raises(DataError, match="run `prepare` first"):
+    with pytest.raises(DataError, match="interactions.npz: interactions file is missing"):
         pretrain(run, cfg)
     prepare(run, cfg)
     with pytest.raises(DataError, match="missing"):

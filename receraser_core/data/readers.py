@@ -106,7 +106,8 @@ def read_table(path: Path, user_col: str = "user", item_col: str = "item", sep: 
     if missing:
         raise DataError(
             f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
-            f"found {', '.join(map(repr, df.columns))} (choose others with --user-col / --item-col)"
+            f"found {', '.join(map(repr, df.columns))} "
+            "(name yours in the dataset: csv:PATH?user=COLUMN&item=COLUMN, same for parquet:)"
         )
     df = df[[user_col, item_col]]
     if len(df) == 0:
@@ -246,10 +247,13 @@ def load_yelp2018(data_dir: Path, seed: int = 0) -> Interactions:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Parsed dataset name: a built-in name, or ``csv:PATH`` / ``parquet:PATH``."""
+    """Parsed dataset name: a built-in name, or ``csv:PATH`` / ``parquet:PATH``, optionally naming the columns
+    as ``csv:PATH?user=COL&item=COL`` (so that every command, ``run`` included, can read any table)."""
 
     name: str
     path: Path | None = None
+    user_col: str | None = None
+    item_col: str | None = None
 
 
 BUILTIN = ("ml-1m", "ml-1m-full", "yelp2018")
@@ -258,9 +262,16 @@ BUILTIN = ("ml-1m", "ml-1m-full", "yelp2018")
 def parse_dataset(spec: str) -> DatasetSpec:
     if spec in BUILTIN:
         return DatasetSpec(spec)
-    kind, sep, path = spec.partition(":")
+    kind, sep, rest = spec.partition(":")
+    path, _, query = rest.partition("?")
     if sep and kind in ("csv", "parquet") and path:
-        return DatasetSpec(kind, Path(path))
+        cols = {}
+        for part in filter(None, query.split("&")):
+            key, eq, value = part.partition("=")
+            if key not in ("user", "item") or not eq or not value:
+                raise DataError(f"dataset {spec!r}: after '?' only user=COLUMN and item=COLUMN, got {part!r}")
+            cols[key] = value
+        return DatasetSpec(kind, Path(path), cols.get("user"), cols.get("item"))
     raise DataError(f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN)}, csv:PATH or parquet:PATH")
 
 
@@ -281,7 +292,7 @@ def load_dataset(
     if parsed.name == "yelp2018":
         return load_yelp2018(root, seed)
     assert parsed.path is not None
-    return load_table_dataset(spec, parsed.path, seed, user_col, item_col)
+    return load_table_dataset(spec, parsed.path, seed, parsed.user_col or user_col, parsed.item_col or item_col)
 
 
 def load_titles(inter: Interactions) -> dict[int, str]:
