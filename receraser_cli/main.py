@@ -123,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("receraser: interrupted", file=sys.stderr)
         return 130
+    except BaseException as exc:  # Dagster's interrupt error is a BaseException, like KeyboardInterrupt
+        if type(exc).__name__ == "DagsterExecutionInterruptedError":  # Ctrl-C inside a Dagster step
+            print("receraser: interrupted; `receraser run` resumes from what is built", file=sys.stderr)
+            return 130
+        raise
 
 
 if __name__ == "__main__":

@@ -168,3 +168,32 @@ def test_too_many_shards_is_refused_before_any_work(tmp_path: Path) -> None:
     ]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "state" / "pipeline").exists() or not list((tmp_path / "state" / "pipeline").rglob("*.npz"))
+
+
+def test_ctrl_c_stops_a_run_within_seconds_with_one_line(tmp_path: Path) -> None:
+    """SIGINT while a Dagster step trains (WMF pretraining on ML-1M) ends the command in seconds, one line."""
+    import signal
+    import time
+
+    from receraser_core.data.readers import default_data_dir
+
+    if not (default_data_dir() / "ml-1m").exists():
+        pytest.skip("needs the shared ML-1M files (../shared/data)")
+    env = {**os.environ, "RECERASER_HOME": str(tmp_path / "state"), "RECERASER_N_SHARDS": "10"}
+    env.pop("DAGSTER_HOME", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "receraser_cli.main", "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert "materializing interactions" in proc.stdout.readline() + proc.stdout.readline()
+    time.sleep(8)  # inside the interactions / pretraining step by now
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 15
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("receraser: interrupted")
+    assert "Traceback" not in err
