@@ -78,17 +78,28 @@ def read_request_file(path: Path) -> list[NewRequest]:
     path = Path(path)
     if not path.exists():
         raise ForgetError(f"{path}: file not found")
+    if not path.is_file():
+        raise ForgetError(f"{path}: not a file (a CSV file of requests is expected)")
     out: list[NewRequest] = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not {"user", "item"} <= set(reader.fieldnames):
-            raise ForgetError(f"{path}: expected a header with columns 'user,item[,reason]', got {reader.fieldnames}")
-        for lineno, row in enumerate(reader, start=2):
-            user, item = (row.get("user") or "").strip(), (row.get("item") or "").strip()
-            if not user:
-                raise ForgetError(f"{path}:{lineno}: empty user id")
-            kind = "user" if item in ("", "*") else "interaction"
-            out.append(NewRequest(kind, user, "" if kind == "user" else item, (row.get("reason") or "").strip()))
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not {"user", "item"} <= set(reader.fieldnames):
+                raise ForgetError(
+                    f"{path}: expected a header with columns 'user,item[,reason]', got {reader.fieldnames}"
+                )
+            for lineno, row in enumerate(reader, start=2):
+                user, item = (row.get("user") or "").strip(), (row.get("item") or "").strip()
+                if not user:
+                    raise ForgetError(f"{path}:{lineno}: empty user id")
+                kind = "user" if item in ("", "*") else "interaction"
+                out.append(NewRequest(kind, user, "" if kind == "user" else item, (row.get("reason") or "").strip()))
+    except UnicodeDecodeError as exc:
+        raise ForgetError(f"{path}: not UTF-8 text (byte {exc.start}); a CSV file of requests is expected") from None
+    except csv.Error as exc:
+        raise ForgetError(f"{path}: not a readable CSV file ({exc})") from None
+    except OSError as exc:
+        raise ForgetError(f"{path}: cannot read ({exc.strerror})") from None
     if not out:
         raise ForgetError(f"{path}: no requests in file")
     return out

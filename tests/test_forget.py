@@ -391,6 +391,31 @@ def test_killed_at_three_points_the_next_command_finishes_the_request(tmp_path: 
     (run_root_dir,) = (tmp_path / "state" / "pipeline").iterdir()
     run = RunDir(run_root_dir)
     marker = run.root / "fault-hang-started"
+
+    # bad request files: one line each, nothing recorded
+    inter = load_interactions(run.interactions)
+    good = f"{inter.user_ids[0]},{inter.item_ids[inter.train.indices[inter.train.indptr[0]]]}"
+    bad_files = {
+        "binary.csv": (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" * 20, "not UTF-8 text"),
+        "latin1.csv": ("user,item\nJosé,1001\n".encode("latin-1"), "not UTF-8 text"),
+        "nul.csv": (b"user,item\nu1,10\x0001\n", "unknown item"),
+        "header.csv": (b"user,item,reason\n", "no requests in file"),
+        "unknown.csv": (f"user,item\n{good}\nnobody-here,1001\n".encode(), "unknown user 'nobody-here'"),
+    }
+    (tmp_path / "a-directory").mkdir()
+    checks = [(tmp_path / "a-directory", "not a file")]
+    for name, (content, needle) in bad_files.items():
+        (tmp_path / name).write_bytes(content)
+        checks.append((tmp_path / name, needle))
+    for path, needle in checks:
+        bad = _cli(["forget", "--file", str(path)], env)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in bad.stderr, (
+            path.name,
+            bad.stderr[-500:],
+        )
+    assert json.loads(_cli(["status", "--json"], env).stdout)["requests"] == []
+
     for n, (point, recover) in enumerate((("redact", "unlearn"), ("shard", "run"), ("aggregator", "unlearn"))):
         user = f"u{10 * n + 1}"
         assert _cli(["forget", "--user", user, "--all"], env).returncode == 0
