@@ -21,8 +21,9 @@ from dagster._core.loader import LoadingContext
 from dagster_project.assets import ASSETS
 from dagster_project.partitions import shard_partitions
 from dagster_project.resources import ReceraserResource
+from dagster_project.settings import state_dir
 from pipelines.steps import RunDir
-from pipelines.tracking import Tracker
+from pipelines.tracking import MlflowTracker, Tracker
 from receraser_core.state_file import integrity
 
 PARTITIONED = {"shard_data", "shard_model"}
@@ -283,9 +284,8 @@ def materialize_target(
     keys = [k for k in keys if any(f"{n}[{k}]" in stale_parts for n in parted)]
     if keys and workers > 1:
         log(f"materializing {'+'.join(parted)} for shards {', '.join(keys)} in {workers} processes")
-        prepare = getattr(tracker, "prepare", None)
-        if prepare is not None:  # the workers' first MLflow calls would otherwise race to create the database
-            prepare(rec.experiment())
+        # the workers log to the default tracker; their first MLflow calls would race to create its database
+        MlflowTracker.in_state_dir(state_dir()).prepare(rec.experiment())
         jobs = [(os.environ["DAGSTER_HOME"], parted, k, rec.model_dump(), tags or {}) for k in keys]
         with ProcessPoolExecutor(max_workers=workers) as pool:
             for k, run_id in pool.map(_partition_worker, jobs):

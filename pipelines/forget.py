@@ -16,6 +16,7 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,8 +29,10 @@ from pipelines.steps import (
     assignment_matches,
     fault_point,
     load_interactions,
+    read_json,
     read_npz,
     save_interactions,
+    write_json,
 )
 from receraser_core.data.interactions import DataError, Interactions, csr_fingerprint, pairs_to_csr
 
@@ -149,6 +152,23 @@ def locate(run: RunDir, requests: Sequence[Request]) -> Located:
     return Located(positions, assignment[positions], by_request)
 
 
+def shard_counts(assignment: np.ndarray, train: sp.csr_matrix, n_shards: int) -> dict[str, Any]:
+    """The size fields of the partition diagnostics (`partition.base.describe`) for ``assignment`` of ``train``."""
+    users = np.repeat(np.arange(train.shape[0], dtype=np.int64), np.diff(train.indptr))
+    sizes = np.bincount(assignment, minlength=n_shards)
+
+    def distinct(ids: np.ndarray, n: int) -> list[int]:
+        pairs = np.unique(assignment.astype(np.int64) * n + ids)
+        return np.bincount(pairs // n, minlength=n_shards).tolist()
+
+    return {
+        "sizes": sizes.tolist(),
+        "users_per_shard": distinct(users, train.shape[0]),
+        "items_per_shard": distinct(train.indices.astype(np.int64), train.shape[1]),
+        "balance": float(sizes.max() / max(sizes.mean(), 1e-12)),
+    }
+
+
 def redact(run: RunDir, requests: Sequence[Request]) -> tuple[Interactions, int]:
     """Remove the training records the requests name from the interactions store and the shard assignment;
     returns the redacted interactions and how many records were removed.
@@ -166,6 +186,8 @@ def redact(run: RunDir, requests: Sequence[Request]) -> tuple[Interactions, int]
     new_assignment = np.delete(assignment, positions)
     fp = csr_fingerprint(train)
     _atomic(run.assignment, lambda p: _save_npz(p, assignment=new_assignment, train_fingerprint=np.array(fp)))
+    diag = read_json(run.diagnostics)  # the sizes follow the data; how the partition was made stays
+    write_json(run.diagnostics, {**diag, **shard_counts(new_assignment, train, int(diag["n_shards"]))})
     fault_point(run, "redact")
     redacted = inter.with_train(train)
     save_interactions(run.interactions, redacted)

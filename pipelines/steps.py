@@ -123,6 +123,23 @@ class RunDir:
         return self.root / "shards" / str(k) / "fit.json"
 
 
+#: torch threads for every training step (pretraining, shards, aggregator). Results differ with the thread
+#: count (summation order), so fixing it makes a model the same whoever trains it: a multiprocess build, an
+#: `unlearn` in the foreground, the sensor's run. Shards run in parallel processes instead. Recorded in each
+#: fit record (``torch_threads``).
+TRAIN_THREADS = 1
+
+
+@contextlib.contextmanager
+def training_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- steps --------------------------------------------------------------------------------------------
 def prepare(run: RunDir, cfg: PipelineConfig, data_dir: Path | None = None, log: Log = _quiet) -> Interactions:
     """Load the dataset, split it, store it as ``interactions.npz``."""
@@ -148,7 +165,8 @@ def pretrain(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> tuple[np.nd
     """WMF on all training data; its embeddings only steer the partition."""
     inter = load_interactions(run.interactions)
     model = build_model("wmf", inter.n_users, inter.n_items, **model_config("wmf", inter.name, {"seed": cfg.seed}))
-    fit = model.fit(inter.train, inter.valid)
+    with training_threads():
+        fit = model.fit(inter.train, inter.valid)
     u, i = (t.numpy() for t in model.embeddings())
     _atomic(run.embeddings, lambda p: _save_npz(p, user=u, item=i))
     log(f"pretrained WMF in {fit.seconds:.1f} s (valid Recall@10 {fit.best_valid_recall:.4f})")
@@ -280,7 +298,8 @@ def train_shard(
     else:
         data = load_partition(run).shard_matrix(inter.train, k)
     model = build_model(cfg.model, inter.n_users, inter.n_items, **shard_model_config(cfg, inter.name, k))
-    fit = model.fit(data, shard_validation(inter.valid, data) if cfg.shard_valid == "local" else inter.valid)
+    with training_threads():
+        fit = model.fit(data, shard_validation(inter.valid, data) if cfg.shard_valid == "local" else inter.valid)
     model.save(run.shard_model(k))
     write_json(
         run.shard_fit(k),
@@ -292,6 +311,7 @@ def train_shard(
             "epochs": fit.epochs_run,
             "best_valid_recall@10": fit.best_valid_recall,
             "seconds": fit.seconds,
+            "torch_threads": TRAIN_THREADS,
             "history": fit.history,
         },
     )
@@ -347,9 +367,10 @@ def aggregate(
     """Train the aggregator on all remaining training data (submodels frozen), from its seeded init."""
     fault_point(run, "aggregator")
     inter = load_interactions(run.interactions)
-    stack = shard_stack(run, cfg, inter, load_partition(run))
-    agg = AGGREGATORS[cfg.aggregator](stack, cfg.agg_config())
-    fit = agg.fit(inter.train, inter.valid, callback=callback)
+    with training_threads():  # the aligned start (an SVD per shard) included
+        stack = shard_stack(run, cfg, inter, load_partition(run))
+        agg = AGGREGATORS[cfg.aggregator](stack, cfg.agg_config())
+        fit = agg.fit(inter.train, inter.valid, callback=callback)
     state = {
         "aggregator": cfg.aggregator,
         "config": cfg.to_dict(),
@@ -358,6 +379,7 @@ def aggregate(
             "best_epoch": fit.best_epoch,
             "best_valid_recall@10": fit.best_valid_recall,
             "seconds": fit.seconds,
+            "torch_threads": TRAIN_THREADS,
             "history": fit.history,
         },
     }

@@ -169,8 +169,8 @@ def add_forget_parsers(sub: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         default=0,
-        help="torch CPU threads (default: torch's choice). Bit-identical results need the same thread count "
-        "as the build they are compared with",
+        help="torch CPU threads outside training (evaluation; default: torch's choice). Training always runs "
+        "at one thread per process, so a deletion gives the same models whoever applies it",
     )
     u.add_argument(
         "--wait",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from dagster import instance_for_test
 
@@ -21,9 +22,20 @@ from pipelines.config import SHARD_DEFAULTS
 from pipelines.forget import ForgetError, check_request, locate, read_request_file, redact
 from pipelines.ledger import ApplierBusy, Ledger, NewRequest
 from pipelines.retrain import model_config
-from pipelines.steps import RunDir, load_interactions, load_partition, load_serving, shard_stack, shard_validation
+from pipelines.steps import (
+    TRAIN_THREADS,
+    RunDir,
+    load_interactions,
+    load_partition,
+    load_serving,
+    read_json,
+    shard_stack,
+    shard_validation,
+    training_threads,
+)
 from pipelines.tracking import MemoryTracker
 from receraser_core.aggregate import AGGREGATORS
+from receraser_core.data.interactions import pairs_to_csr
 from receraser_core.data.readers import PROJECT_ROOT
 from receraser_core.models import build_model, load_model
 from receraser_core.state_file import load_state
@@ -86,18 +98,28 @@ def _pick_records(run: RunDir, shard: int, n: int) -> list[tuple[str, str]]:
     return [(str(inter.user_ids[users[p]]), str(inter.item_ids[inter.train.indices[p]])) for p in pos]
 
 
-@pytest.mark.parametrize("model", ["bpr", "wmf"])
-def test_forgetting_is_exact(tmp_path: Path, model: str) -> None:
+@pytest.mark.parametrize("model", ["bpr", "wmf", "lightgcn"])
+def test_forgetting_is_exact(tmp_path: Path, model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built with shards in parallel processes, unlearned in this process at another torch thread count: the
+    retrained shard and the aggregator equal fits from scratch on a shard table built here, independently of
+    the redaction code (the original training pairs of the stored assignment minus the deleted pairs)."""
     rec, tracker = _resource(tmp_path, model), MemoryTracker()
     cfg, run = rec.pipeline_config(), rec.run_dir()
     with instance_for_test() as instance:
-        run_graph(instance, rec, tracker, log=lambda _: None)
+        monkeypatch.setenv("DAGSTER_HOME", instance.root_directory)  # the shard worker processes open it
+        run_graph(instance, rec, tracker, workers=2, log=lambda _: None)
         before = {k: run.shard_model(k).read_bytes() for k in range(K)}
         doomed = _pick_records(run, 1, 2)
         inter0 = load_interactions(run.interactions)
+        assignment0 = load_partition(run).assignment
         ledger = ledger_for(rec)
         ledger.add([NewRequest("interaction", u, i, "zz-reason-7f3a") for u, i in doomed])
-        report = unlearn_pending(instance, rec, tracker, log=lambda _: None)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            report = unlearn_pending(instance, rec, tracker, log=lambda _: None)
+        finally:
+            torch.set_num_threads(threads)
         assert report is not None and report.shards == [1] and report.records == 2
         assert all(r.status == "applied" and r.shards == [1] for r in ledger.get())
         assert set(graph_status(instance).values()) == {"fresh"}
@@ -109,17 +131,26 @@ def test_forgetting_is_exact(tmp_path: Path, model: str) -> None:
         # untouched shards: not retrained, files byte-identical
         assert all(run.shard_model(k).read_bytes() == before[k] for k in range(K) if k != 1)
         assert run.shard_model(1).read_bytes() != before[1]
-        # the retrained shard equals a model trained from scratch on the shard's remaining data, same seed
-        part = load_partition(run)
-        remaining = part.shard_matrix(inter.train, 1)
+        assert read_json(run.shard_fit(1))["torch_threads"] == TRAIN_THREADS
+        # the shard table built independently: original pairs of shard 1, minus the deleted (user, item) pairs
+        rows = np.repeat(np.arange(inter0.n_users), np.diff(inter0.train.indptr))
+        cols = inter0.train.indices
+        gone = {(inter0.user_index(u), inter0.item_index(i)) for u, i in doomed}
+        keep = (assignment0 == 1) & np.array([(r, c) not in gone for r, c in zip(rows, cols, strict=True)])
+        assert int((assignment0 == 1).sum() - keep.sum()) == 2
+        remaining = pairs_to_csr(rows[keep], cols[keep], inter0.n_users, inter0.n_items)
         overrides = {**SHARD_DEFAULTS.get(cfg.model, {}), **cfg.model_overrides, "seed": cfg.seed + 1}
         fresh = build_model(cfg.model, inter.n_users, inter.n_items, **model_config(cfg.model, inter.name, overrides))
-        fresh.fit(remaining, shard_validation(inter.valid, remaining))
+        with training_threads():
+            fresh.fit(remaining, shard_validation(inter.valid, remaining))
         stored = load_model(run.shard_model(1))
         assert all(torch.equal(stored.params[n], fresh.params[n]) for n in fresh.params)
         # and so does the aggregator, retrained from its seeded initialisation on the remaining data
-        agg = AGGREGATORS[cfg.aggregator](shard_stack(run, cfg, inter, part), cfg.agg_config())
-        agg.fit(inter.train, inter.valid)
+        remaining_train = pairs_to_csr(*_pairs_without(inter0.train, gone), inter0.n_users, inter0.n_items)
+        assert (remaining_train != inter.train).nnz == 0
+        with training_threads():
+            agg = AGGREGATORS[cfg.aggregator](shard_stack(run, cfg, inter, load_partition(run)), cfg.agg_config())
+            agg.fit(remaining_train, inter.valid)
         stored_agg = load_state(run.aggregator)["state"]
         assert all(torch.equal(stored_agg[n], agg.state_dict()[n]) for n in stored_agg)
         # the serving model no longer masks the forgotten item: it is a candidate again
@@ -127,9 +158,19 @@ def test_forgetting_is_exact(tmp_path: Path, model: str) -> None:
         u, i = doomed[0]
         assert train[inter.user_index(u), inter.item_index(i)] == 0
         assert serving.score(torch.tensor([inter.user_index(u)])).shape == (1, inter.n_items)
+        # derived metadata follows the data
+        diag = read_json(run.diagnostics)
+        assert diag["sizes"][1] == int(keep.sum()) and sum(diag["sizes"]) == inter.train.nnz
+        assert diag["users_per_shard"][1] == len(np.unique(rows[keep]))
         # no trace of the request in the model files
         for path in [run.aggregator, run.serving, *(run.shard_model(k) for k in range(K)), run.shard_fit(1)]:
             assert b"zz-reason-7f3a" not in path.read_bytes() and b"receraser/deletions" not in path.read_bytes()
+
+
+def _pairs_without(train: sp.csr_matrix, gone: set[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.repeat(np.arange(train.shape[0]), np.diff(train.indptr))
+    keep = np.array([(r, c) not in gone for r, c in zip(rows, train.indices, strict=True)])
+    return rows[keep], train.indices[keep]
 
 
 def test_user_erasure_and_batching(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from pipelines.steps import (
     load_aggregator,
     load_interactions,
     load_partition,
+    load_serving,
     partition,
     prepare,
     pretrain,
@@ -27,7 +28,7 @@ from pipelines.steps import (
 )
 from receraser_core.aggregate import AGGREGATORS, AggConfig, ShardStack
 from receraser_core.data.interactions import DataError
-from receraser_core.metrics import evaluate
+from receraser_core.metrics import DEFAULT_KS, evaluate
 from receraser_core.models import ConfigError, load_model
 
 FAST_MODEL = {
@@ -85,7 +86,11 @@ def test_steps_end_to_end(tmp_path: Path, model: str, partitioner: str, aggregat
     cfg = _config(tmp_path, model=model, partitioner=partitioner, aggregator=aggregator)
     run = RunDir(tmp_path / "run")
     metrics = _run_all(run, cfg)
-    assert 0.0 <= metrics["recall@20"] <= 1.0 and metrics["test_users"] > 0
+    # the stored figures are what the serving model scores, recomputed here from its snapshot
+    agg, train = load_serving(run)
+    again = evaluate(agg.scorer(), train, load_interactions(run.interactions).test, ks=DEFAULT_KS, batch_size=256)
+    assert metrics["recall@20"] == again["recall@20"] and metrics["ndcg@20"] == again["ndcg@20"]
+    assert metrics["recall@20"] > 0 and metrics["test_users"] > 0
     for path in (run.interactions, run.embeddings, run.assignment, run.aggregator, run.evaluation):
         assert path.exists(), path
     inter = load_interactions(run.interactions)
