@@ -101,7 +101,7 @@ def _apply_outstanding(
             r.id: sorted(set(r.shards) | set(loc.shards[np.isin(loc.positions, loc.by_request[r.id])].tolist()))
             for r in todo
         }
-        ledger.mark_applying(shards_by_id)  # durable before any data changes
+        ledger.mark_applying(shards_by_id, {r.id: len(loc.by_request[r.id]) for r in todo})  # before any change
         affected = sorted({k for s in shards_by_id.values() for k in s})
         _, removed = redact(run, todo)
         log(

@@ -255,12 +255,17 @@ class Ledger:
         """Requests not yet applied: pending, applying (an interrupted apply) and failed (to retry)."""
         return self.get(statuses=["pending", "applying", "failed"])
 
-    def mark_applying(self, shards_by_id: dict[int, list[int]]) -> None:
+    def mark_applying(self, shards_by_id: dict[int, list[int]], records_by_id: dict[int, int] | None = None) -> None:
+        """Before any data changes: the shards each request touches and, when found, how many stored records it
+        names (a count of 0, as after an interrupted redaction, keeps the count found earlier)."""
+        records_by_id = records_by_id or {}
         with self._transaction() as con:
             for rid, shards in shards_by_id.items():
+                n = int(records_by_id.get(rid, 0))
                 con.execute(
-                    "UPDATE requests SET status='applying', shards=?, error='' WHERE id=?",
-                    (json.dumps(sorted(set(shards))), rid),
+                    "UPDATE requests SET status='applying', shards=?, error='', "
+                    "records=CASE WHEN ? > 0 THEN ? ELSE records END WHERE id=?",
+                    (json.dumps(sorted(set(shards))), n, n, rid),
                 )
 
     def mark_applied(self, ids: Sequence[int], dagster_runs: Sequence[str], mlflow_runs: Sequence[str]) -> None:

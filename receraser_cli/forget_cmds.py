@@ -82,6 +82,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dagster_project.unlearn import ledger_for
 
     rec, run = _run_dir()
+    if args.request is not None:
+        from dagster_project.erasure_report import erasure_report, format_report
+
+        instance, _, _ = _context()
+        rep = erasure_report(instance, ledger_for(rec), args.request)
+        print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+        return 0
     rows = ledger_for(rec).get()
     model = {}
     if run.serving.exists():
@@ -183,7 +190,14 @@ def add_forget_parsers(sub: argparse._SubParsersAction) -> None:
     u.set_defaults(func=cmd_unlearn)
 
     s = sub.add_parser("status", help="the deletion ledger: pending / applied / failed requests and the model")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable output (with --request: the report)")
+    s.add_argument(
+        "--request",
+        type=int,
+        help="the erasure report of request N: what was asked, when it was received and applied, the records and "
+        "shards it touched, the Dagster runs that rebuilt each artifact with its data version before and after, "
+        "the MLflow runs, and the statement of exactness",
+    )
     add_pipeline_arguments(s)
     s.set_defaults(func=cmd_status)
 

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import torch
 from dagster import instance_for_test
 
+from dagster_project.erasure_report import erasure_report, format_report
 from dagster_project.orchestrate import graph_status, run_graph
 from dagster_project.unlearn import ledger_for, unlearn_pending
 from pipelines.config import SHARD_DEFAULTS
@@ -162,6 +163,15 @@ def test_forgetting_is_exact(tmp_path: Path, model: str, monkeypatch: pytest.Mon
         diag = read_json(run.diagnostics)
         assert diag["sizes"][1] == int(keep.sum()) and sum(diag["sizes"]) == inter.train.nnz
         assert diag["users_per_shard"][1] == len(np.unique(rows[keep]))
+        # the erasure report names the request, its shard, the runs that rebuilt it and what changed
+        rep = erasure_report(instance, ledger, 1)
+        assert rep["status"] == "applied" and rep["records_removed"] == 1 and rep["shards_retrained"] == [1]
+        assert rep["statement"].startswith("The serving model now equals a model trained from scratch")
+        rebuilt = {m["asset"]: m for run_ in rep["dagster_runs"] for m in run_["rebuilt"]}
+        assert {"shard_data[1]", "shard_model[1]", "aggregator"} <= set(rebuilt)
+        assert rebuilt["shard_data[1]"]["data_version_before"] != rebuilt["shard_data[1]"]["data_version_after"]
+        assert rebuilt["shard_data[0]"]["data_version_before"] == rebuilt["shard_data[0]"]["data_version_after"]
+        assert "Deletion request #1" in format_report(rep) and "(unchanged)" in format_report(rep)
         # no trace of the request in the model files
         for path in [run.aggregator, run.serving, *(run.shard_model(k) for k in range(K)), run.shard_fit(1)]:
             assert b"zz-reason-7f3a" not in path.read_bytes() and b"receraser/deletions" not in path.read_bytes()
@@ -492,3 +502,10 @@ def test_killed_at_three_points_the_next_command_finishes_the_request(tmp_path: 
             failed = [r for r in instance.get_runs() if r.status == DagsterRunStatus.FAILURE]
             assert any("receraser/deletions" in r.tags for r in failed), point
         instance.dispose()
+    report = _cli(["status", "--request", "3"], env)  # the erasure report, as printed and as JSON
+    assert report.returncode == 0 and "Deletion request #3" in report.stdout and "shard_model[" in report.stdout
+    assert "The serving model now equals a model trained from scratch" in report.stdout
+    as_json = json.loads(_cli(["status", "--request", "3", "--json"], env).stdout)
+    assert as_json["status"] == "applied" and as_json["records_removed"] > 0 and as_json["asked"]["item"] == "*"
+    missing = _cli(["status", "--request", "99"], env)
+    assert missing.returncode == 2 and "no request #99" in missing.stderr
