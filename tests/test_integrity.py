@@ -4,6 +4,7 @@ what depends on it), to the same content. A damaged ledger is one line too."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dagster_project.orchestrate import graph_status, run_graph
 from dagster_project.settings import load_pipeline_config, run_root
 from dagster_project.unlearn import ledger_for
 from pipelines import steps
+from pipelines.ledger import NewRequest
 from pipelines.tracking import MemoryTracker
 from receraser_core.data.interactions import DataError
 from receraser_core.models import load_model
@@ -68,6 +70,13 @@ def test_damaged_artifacts_are_named_shown_corrupt_and_rebuilt(tmp_path: Path) -
 def test_a_damaged_ledger_is_one_line_and_nothing_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rec = _resource(tmp_path)
     ledger = ledger_for(rec)
+    ledger.add([NewRequest("interaction", f"u{i}", f"i{i}", "x" * 200) for i in range(300)])
+    with sqlite3.connect(ledger.path) as con:  # everything into the main file, then cut it in half
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    truncated = ledger.path.read_bytes()[: ledger.path.stat().st_size // 2]
+    ledger.path.write_bytes(truncated)
+    _one_line_naming(ledger.path, lambda: ledger_for(rec).get())
+    assert ledger.path.read_bytes() == truncated
     garbage = b"this is not an SQLite database" * 100
     ledger.path.write_bytes(garbage)
     for name in ("-wal", "-shm"):
