@@ -99,8 +99,8 @@ def interactions(context: AssetExecutionContext, receraser: ReceraserResource) -
     if stored == "ok":
         inter = steps.load_interactions(run.interactions)  # the store, redacted by every applied deletion
     else:
-        if stored == "corrupt":
-            context.log.warning(f"{run.interactions}: corrupt; rebuilding it from the source minus applied deletions")
+        if stored != "missing":
+            context.log.warning(f"{run.interactions}: {stored}; rebuilding it from the source minus applied deletions")
         steps.prepare(run, receraser.pipeline_config(), receraser.data_path(), context.log.info)
         inter = reapply_ledger(run, ledger_for(receraser))  # a store rebuilt from source never resurrects records
     version = _hash_arrays(

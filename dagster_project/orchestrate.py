@@ -121,7 +121,7 @@ def _files(run: RunDir | None, name: str, part: str | None) -> str:
     if name == "shard_model":
         paths[name] = [run.shard_model(int(str(part))), run.shard_fit(int(str(part)))]
     states = {integrity(p) for p in paths[name]}
-    return "missing" if "missing" in states else "corrupt" if "corrupt" in states else "ok"
+    return next((s for s in ("missing", "corrupt", "unverified") if s in states), "ok")
 
 
 def _parent_labels(name: str, part: str | None, keys: Sequence[str]) -> list[str]:

@@ -177,7 +177,7 @@ def add_dagster_parsers(sub: argparse._SubParsersAction) -> None:
     assets = sub.add_parser(
         "assets",
         help="status of every asset and shard partition: missing, corrupt (content differs from its "
-        "recorded hash), stale or fresh",
+        "recorded hash), unverified (no hash: an older version wrote it), stale or fresh",
     )
     add_pipeline_arguments(assets)
     assets.add_argument("--json", action="store_true")

@@ -3,7 +3,8 @@ file the pipeline writes.
 
 Every artifact is moved into place by `seal`, which records the SHA-256 of its content in ``<file>.sha256``
 beside it; `check` compares before a file is read, so a truncated or altered file is reported by name instead
-of being read. A file without a hash (written before hashes were kept) is read as it is.
+of being read. A file without a hash (written by a version that kept none, possibly as a pickle) counts as
+unverified: it is not read, and `receraser run` rebuilds it.
 
 A state is a nested structure of dicts and lists whose leaves are torch tensors, numpy arrays, scipy sparse
 matrices or JSON values (str, int, float, bool, None). Arrays and sparse matrices are stored as tensors, so
@@ -89,14 +90,17 @@ def seal(tmp: Path, path: Path) -> None:
 
 
 def integrity(path: Path) -> str:
-    """'ok', 'missing' or 'corrupt' (content differs from the hash recorded when it was written)."""
+    """'ok', 'missing', 'unverified' (no hash recorded: an older version wrote it) or 'corrupt' (content
+    differs from the hash recorded when it was written)."""
     path = Path(path)
     if not path.exists():
         return "missing"
     side = checksum_path(path)
-    if not path.is_file() or (side.exists() and side.read_text().strip() != _digest(path)):
+    if not path.is_file():
         return "corrupt"
-    return "ok"
+    if not side.exists():
+        return "unverified"
+    return "ok" if side.read_text().strip() == _digest(path) else "corrupt"
 
 
 def check(path: Path, what: str) -> None:
@@ -108,6 +112,10 @@ def check(path: Path, what: str) -> None:
         raise DataError(
             f"{path}: {what} is corrupt (its content differs from the hash recorded when it was written); "
             "`receraser run` rebuilds it"
+        )
+    if state == "unverified":
+        raise DataError(
+            f"{path}: {what} has no recorded hash (an older receraser wrote it); `receraser run` rebuilds it"
         )
 
 

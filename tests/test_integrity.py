@@ -43,6 +43,12 @@ def test_damaged_artifacts_are_named_shown_corrupt_and_rebuilt(tmp_path: Path) -
             (run.serving, "aggregator", lambda: steps.load_serving(run), ["aggregator"]),
             (run.interactions, "interactions", lambda: steps.load_interactions(run.interactions), []),
         ]
+        # a file without its recorded hash (an older version wrote it) is not read, and is rebuilt
+        checksum_path(run.shard_model(2)).unlink()
+        assert graph_status(instance, run=run)["shard_model[2]"] == "unverified"
+        _one_line_naming(run.shard_model(2), lambda: load_model(run.shard_model(2)))
+        run_graph(instance, rec, tracker, log=lambda _: None)
+        assert checksum_path(run.shard_model(2)).exists() and load_model(run.shard_model(2)) is not None
         for path, label, load, rebuilt in cases:
             raw = path.read_bytes()
             weights = load_state(path)["state"] if path == run.serving else None

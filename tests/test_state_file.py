@@ -3,6 +3,7 @@ refused without running it, and a damaged file is one clear line naming it."""
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 from receraser_core.data.interactions import DataError
 from receraser_core.models import build_model, load_model
-from receraser_core.state_file import load_state, save_state
+from receraser_core.state_file import checksum_path, load_state, save_state
 
 
 class _RunsCode:
@@ -56,10 +57,14 @@ def test_a_file_that_would_run_code_is_refused_without_running_it(tmp_path: Path
     with open(tmp_path / "raw.pkl", "wb") as fh:  # the plain pickle route too
         pickle.dump(_RunsCode(marker), fh)
     for path in (planted, tmp_path / "raw.pkl"):
-        with pytest.raises(DataError) as err:
+        with pytest.raises(DataError, match="no recorded hash") as err:  # first line of defence: no hash
             load_model(path)
         assert str(path) in str(err.value) and "\n" not in str(err.value)
-        assert "objects other than tensors" in str(err.value) or "cannot read" in str(err.value)
+        # whoever plants a file can plant its hash too: the restricted unpickler still refuses it
+        checksum_path(path).write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
+        with pytest.raises(DataError, match="objects other than tensors") as err:
+            load_model(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
     assert not marker.exists(), "loading ran code from the file"
     # the same pickle loaded the unsafe way does run it: the test would catch a loader that did that
     torch.load(planted, weights_only=False)
