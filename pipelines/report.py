@@ -159,9 +159,10 @@ def build_report(results: Path, out: Path) -> Path:
             "",
             "## Unlearning time (requests applied through the ledger and Dagster)",
             "",
-            "| base model | requests | batch | mean s | median s | p95 s | shard / aggregator / eval / overhead s | "
-            "Retrain s (same run) | speedup | Recall@20 before → after | Retrain on remaining |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| base model | K | requests | batch | mean s | median s | p95 s | "
+            "shard / aggregator / eval / overhead s | Retrain s (same run) | speedup (median) | "
+            "Recall@20 before → after | Retrain on remaining |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in unl:
             b = r.get("breakdown_mean_seconds", {})
@@ -170,9 +171,10 @@ def build_report(results: Path, out: Path) -> Path:
                 for k in ("shard_training", "aggregator_training", "evaluation", "dagster_and_io_overhead")
             )
             lines.append(
-                f"| {r['model']} | {r['requests']} | {r['batch']} | {r['unlearning_seconds_mean']:.1f} | "
+                f"| {r['model']} | {r.get('shards', 10)} | {r['requests']} | {r['batch']} | "
+                f"{r['unlearning_seconds_mean']:.1f} | "
                 f"{r['unlearning_seconds_median']:.1f} | {r['unlearning_seconds_p95']:.1f} | {parts} | "
-                f"{r['retrain_seconds']:.1f} | {r['speedup_mean']:.2f}× | "
+                f"{r['retrain_seconds']:.1f} | {r.get('speedup_median', r['speedup_mean']):.2f}× | "
                 f"{r['quality_before']['recall@20']:.4f} → {r['quality_after']['recall@20']:.4f} | "
                 f"{r['retrain_quality_on_remaining']['recall@20']:.4f} |"
             )

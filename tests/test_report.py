@@ -65,7 +65,7 @@ def test_report_from_json(tmp_path: Path) -> None:
     }
     (res / "unlearning-ml-1m-bpr.json").write_text(json.dumps(unlearning))
     text = build_report(res, tmp_path / "docs").read_text()
-    assert "| bpr | 5 | 1 | 40.0 | 39.0 | 45.0 | 20.0 / 15.0 / 1.5 / 3.5 | 400.0 | 10.00× |" in text
+    assert "| bpr | 10 | 5 | 1 | 40.0 | 39.0 | 45.0 | 20.0 / 15.0 / 1.5 / 3.5 | 400.0 | 10.00× |" in text
     for fig in ("fig_partitioner.png", "fig_aggregator.png", "fig_shards.png"):
         assert (tmp_path / "docs" / fig).read_bytes().startswith(b"\x89PNG")
     assert "fig_deletion_cost.png" in text
