@@ -107,10 +107,12 @@ def run_one(
 ) -> dict[str, Any]:
     run = RunDir(root)
     run.root.mkdir(parents=True, exist_ok=True)
-    for name in ("interactions.npz", "wmf_embeddings.npz"):  # reuse the shared data and embeddings
-        target = run.root / name
-        if not target.exists():
-            target.symlink_to((shared.root / name).resolve())
+    for base_name in ("interactions.npz", "wmf_embeddings.npz"):  # reuse the shared data and embeddings
+        for name in (base_name, base_name + ".sha256"):  # with the content hash it is checked against
+            target = run.root / name
+            if not target.exists():
+                target.unlink(missing_ok=True)  # a dangling link
+                target.symlink_to((shared.root / name).resolve())
     t = time.perf_counter()
     part = partition(run, cfg, log)
     t_part = time.perf_counter() - t

@@ -322,3 +322,15 @@ def test_weight_average_is_what_the_aggregator_validates_and_keeps(loss: str) ->
         assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="ema"):
         AggConfig(ema=1.0)
+
+
+def test_compare_runs_twice_on_its_cached_work_directory(tmp_path: Path) -> None:
+    """`bench compare` links the shared interactions and embeddings (with their content hashes) into each
+    method's directory; a second run over the same work directory reads them back."""
+    from pipelines.compare import run_compare
+
+    base = _config(tmp_path, model="wmf")
+    first = run_compare(base, tmp_path / "work", ["receraser", "sisa"], log=lambda _: None)
+    again = run_compare(base, tmp_path / "work", ["receraser", "sisa"], log=lambda _: None)
+    assert [r["method"] for r in first] == ["receraser", "sisa"]
+    assert [r["recall@20"] for r in again] == [r["recall@20"] for r in first]
