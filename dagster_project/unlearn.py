@@ -21,8 +21,9 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster_project.orchestrate import materialize_names
 from dagster_project.partitions import shard_partitions
 from dagster_project.resources import ReceraserResource, ledger_for
-from pipelines.forget import finish_interrupted_redaction, locate, redact
+from pipelines.forget import finish_interrupted_redaction, locate, redact, split_counts, validation_shards
 from pipelines.ledger import Ledger
+from pipelines.steps import load_interactions, load_partition
 from pipelines.tracking import Tracker
 
 
@@ -97,11 +98,18 @@ def _apply_outstanding(
         if finish_interrupted_redaction(run, todo):
             log("finished a redaction that an interrupted unlearn had started")
         loc = locate(run, todo)
-        shards_by_id = {
-            r.id: sorted(set(r.shards) | set(loc.shards[np.isin(loc.positions, loc.by_request[r.id])].tolist()))
+        inter, assignment = load_interactions(run.interactions), load_partition(run).assignment
+        scope = rec.pipeline_config().shard_valid
+        shards_by_id = {  # the shards holding a training record, and those early-stopping on a validation record
+            r.id: sorted(
+                set(r.shards)
+                | set(loc.shards[np.isin(loc.positions, loc.by_request[r.id])].tolist())
+                | set(validation_shards(inter, assignment, [r], scope))
+            )
             for r in todo
         }
-        ledger.mark_applying(shards_by_id, {r.id: len(loc.by_request[r.id]) for r in todo})  # before any change
+        counts = {r.id: sum(split_counts(inter, r).values()) for r in todo}
+        ledger.mark_applying(shards_by_id, counts)  # durable before any data changes
         affected = sorted({k for s in shards_by_id.values() for k in s})
         _, removed = redact(run, todo)
         log(

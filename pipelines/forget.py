@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,26 +54,83 @@ def _pairs_of_user(inter: Interactions, u: int) -> np.ndarray:
     return inter.train.indices[inter.train.indptr[u] : inter.train.indptr[u + 1]].astype(np.int64)
 
 
-def check_request(inter: Interactions, req: NewRequest) -> int:
-    """Number of training records the request covers; ForgetError naming the problem otherwise."""
+SPLITS = ("train", "valid", "test")
+
+
+def split_counts(inter: Interactions, req: NewRequest | Request) -> dict[str, int]:
+    """How many stored records of each split the request names (0 for unknown ids)."""
     try:
         u = inter.user_index(req.user_id)
+        i = None if req.kind == "user" else inter.item_index(req.item_id)
+    except KeyError:
+        return dict.fromkeys(SPLITS, 0)
+    out = {}
+    for split in SPLITS:
+        m = getattr(inter, split)
+        row = m.indices[m.indptr[u] : m.indptr[u + 1]]
+        out[split] = len(row) if i is None else int(np.count_nonzero(row == i))
+    return out
+
+
+def check_request(inter: Interactions, req: NewRequest) -> int:
+    """Number of stored records (training, validation and test) the request covers; ForgetError naming the
+    problem otherwise. A validation or test record is honoured too: validation steers early stopping and
+    selection, and both are stored personal data."""
+    try:
+        inter.user_index(req.user_id)
     except KeyError:
         raise ForgetError(f"unknown user {req.user_id!r} in dataset {inter.name}") from None
-    if req.kind == "user":
-        n = len(_pairs_of_user(inter, u))
-        if n == 0:
-            raise ForgetError(f"user {req.user_id!r} has no training interactions left to forget")
-        return n
-    try:
-        i = inter.item_index(req.item_id)
-    except KeyError:
-        raise ForgetError(f"unknown item {req.item_id!r} in dataset {inter.name}") from None
-    if inter.train[u, i]:
-        return 1
-    where = "validation" if inter.valid[u, i] else "test" if inter.test[u, i] else None
-    detail = f"it is in the {where} data, which no model trains on" if where else "the user never interacted with it"
-    raise ForgetError(f"user {req.user_id!r}, item {req.item_id!r} is not a training interaction ({detail})")
+    if req.kind != "user":
+        try:
+            inter.item_index(req.item_id)
+        except KeyError:
+            raise ForgetError(f"unknown item {req.item_id!r} in dataset {inter.name}") from None
+    n = sum(split_counts(inter, req).values())
+    if n == 0:
+        if req.kind == "user":
+            raise ForgetError(f"user {req.user_id!r} has no stored interactions left to forget")
+        raise ForgetError(f"user {req.user_id!r} never interacted with item {req.item_id!r} (in any split)")
+    return n
+
+
+def _without_requests(m: sp.csr_matrix, inter: Interactions, requests: Sequence[Request]) -> sp.csr_matrix:
+    """A validation or test matrix minus the pairs the requests name (found by id, so idempotent)."""
+    drop = np.zeros(m.nnz, dtype=bool)
+    for req in requests:
+        try:
+            u = inter.user_index(req.user_id)
+            i = None if req.kind == "user" else inter.item_index(req.item_id)
+        except KeyError:
+            continue
+        start, end = m.indptr[u], m.indptr[u + 1]
+        drop[start:end] |= True if i is None else (m.indices[start:end] == i)
+    if not drop.any():
+        return m
+    return _without(m, np.flatnonzero(drop))
+
+
+def validation_shards(
+    inter: Interactions, assignment: np.ndarray, requests: Sequence[Request], scope: str
+) -> list[int]:
+    """Shards whose early stopping reads a validation record the requests name: with ``scope="local"`` the
+    shards holding both its user and its item (`steps.shard_validation`), with ``"global"`` every shard."""
+    n_shards = int(assignment.max()) + 1 if len(assignment) else 0
+    users = np.repeat(np.arange(inter.train.shape[0]), np.diff(inter.train.indptr))
+    out: set[int] = set()
+    for req in requests:
+        if split_counts(inter, req)["valid"] == 0:
+            continue
+        if scope != "local":
+            return list(range(n_shards))
+        u = inter.user_index(req.user_id)
+        v = inter.valid
+        items = v.indices[v.indptr[u] : v.indptr[u + 1]]
+        if req.kind != "user":
+            items = items[items == inter.item_index(req.item_id)]
+        user_shards = set(assignment[users == u].tolist())
+        for i in items:
+            out |= user_shards & set(assignment[inter.train.indices == i].tolist())
+    return sorted(out)
 
 
 def read_request_file(path: Path) -> list[NewRequest]:
@@ -180,18 +237,21 @@ def redact(run: RunDir, requests: Sequence[Request]) -> tuple[Interactions, int]
     with read_npz(run.assignment) as z:
         assignment = z["assignment"]
     positions = _all_positions(_positions(inter, requests))
-    if len(positions) == 0:
+    valid, test = (_without_requests(getattr(inter, s), inter, requests) for s in ("valid", "test"))
+    held_out = inter.valid.nnz - valid.nnz + inter.test.nnz - test.nnz
+    if len(positions) == 0 and held_out == 0:
         return inter, 0
-    train = _without(inter.train, positions)
-    new_assignment = np.delete(assignment, positions)
-    fp = csr_fingerprint(train)
-    _atomic(run.assignment, lambda p: _save_npz(p, assignment=new_assignment, train_fingerprint=np.array(fp)))
-    diag = read_json(run.diagnostics)  # the sizes follow the data; how the partition was made stays
-    write_json(run.diagnostics, {**diag, **shard_counts(new_assignment, train, int(diag["n_shards"]))})
+    train = _without(inter.train, positions) if len(positions) else inter.train
+    if len(positions):
+        new_assignment = np.delete(assignment, positions)
+        fp = csr_fingerprint(train)
+        _atomic(run.assignment, lambda p: _save_npz(p, assignment=new_assignment, train_fingerprint=np.array(fp)))
+        diag = read_json(run.diagnostics)  # the sizes follow the data; how the partition was made stays
+        write_json(run.diagnostics, {**diag, **shard_counts(new_assignment, train, int(diag["n_shards"]))})
     fault_point(run, "redact")
-    redacted = inter.with_train(train)
+    redacted = replace(inter, train=train, valid=valid, test=test)
     save_interactions(run.interactions, redacted)
-    return redacted, len(positions)
+    return redacted, len(positions) + held_out
 
 
 def finish_interrupted_redaction(run: RunDir, requests: Sequence[Request]) -> bool:
@@ -207,7 +267,8 @@ def finish_interrupted_redaction(run: RunDir, requests: Sequence[Request]) -> bo
             f"{run.assignment} does not match the stored interactions, and removing the outstanding "
             "requests' records does not reconcile them; rebuild with `receraser run --rebuild`"
         )
-    save_interactions(run.interactions, inter.with_train(train))
+    valid, test = (_without_requests(getattr(inter, s), inter, requests) for s in ("valid", "test"))
+    save_interactions(run.interactions, replace(inter, train=train, valid=valid, test=test))
     return True
 
 

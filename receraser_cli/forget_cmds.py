@@ -24,10 +24,13 @@ def _run_dir():  # noqa: ANN202
     return rec, run
 
 
+SPLIT_NAMES = (("train", "training"), ("valid", "validation"), ("test", "test"))
+
+
 def cmd_forget(args: argparse.Namespace) -> int:
     apply_pipeline_env(args)
     from dagster_project.unlearn import ledger_for
-    from pipelines.forget import ForgetError, check_request, read_request_file
+    from pipelines.forget import ForgetError, check_request, read_request_file, split_counts
     from pipelines.ledger import NewRequest
     from pipelines.steps import load_interactions
 
@@ -58,7 +61,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     for (rid, new), req, n in zip(ledger.add(requests, records), requests, records, strict=True):
         what = f"user {req.user_id}" + (f", item {req.item_id}" if req.kind == "interaction" else " (all records)")
         state = "recorded" if new else f"already recorded ({ledger.get([rid])[0].status})"
-        print(f"request #{rid}: {what}: {n} training record(s), {state}")
+        split = split_counts(inter, req)
+        parts = ", ".join(f"{split[k]} {name}" for k, name in SPLIT_NAMES if split[k])
+        print(f"request #{rid}: {what}: {n} stored record(s) ({parts or 'already removed'}), {state}")
     print("apply with `receraser unlearn` (or let the Dagster sensor do it while `dagster dev` runs)")
     return 0
 

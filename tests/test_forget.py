@@ -73,9 +73,14 @@ def test_request_validation(tmp_path: Path) -> None:
     test_item = inter.item_ids[inter.test.indices[inter.test.indptr[u]]]
     uid = str(inter.user_ids[u])
     assert check_request(inter, NewRequest("interaction", uid, str(train_item))) == 1
-    assert check_request(inter, NewRequest("user", uid)) == inter.train[u].nnz
-    with pytest.raises(ForgetError, match="in the test data"):
-        check_request(inter, NewRequest("interaction", uid, str(test_item)))
+    assert check_request(inter, NewRequest("interaction", uid, str(test_item))) == 1  # a test record too
+    every = inter.train[u].nnz + inter.valid[u].nnz + inter.test[u].nnz
+    assert check_request(inter, NewRequest("user", uid)) == every  # all splits
+    unseen = next(
+        str(inter.item_ids[i]) for i in range(inter.n_items) if not (inter.train + inter.valid + inter.test)[u, i]
+    )
+    with pytest.raises(ForgetError, match="never interacted with item"):
+        check_request(inter, NewRequest("interaction", uid, unseen))
     with pytest.raises(ForgetError, match="unknown user 'nobody'"):
         check_request(inter, NewRequest("user", "nobody"))
     with pytest.raises(ForgetError, match="unknown item '424242'"):
@@ -509,3 +514,60 @@ def test_killed_at_three_points_the_next_command_finishes_the_request(tmp_path: 
     assert as_json["status"] == "applied" and as_json["records_removed"] > 0 and as_json["asked"]["item"] == "*"
     missing = _cli(["status", "--request", "99"], env)
     assert missing.returncode == 2 and "no request #99" in missing.stderr
+
+
+def test_validation_and_test_records_are_forgotten_and_their_shards_rebuilt(tmp_path: Path) -> None:
+    """A validation record is removed from storage and every shard whose early stopping read it is retrained
+    (exactly: equal to a fit on its shard with the remaining validation pairs); a test record only leaves the
+    evaluation; a user request clears all three splits."""
+    from pipelines.forget import validation_shards
+
+    rec, tracker = _resource(tmp_path, "bpr"), MemoryTracker()
+    cfg, run = rec.pipeline_config(), rec.run_dir()
+    with instance_for_test() as instance:
+        run_graph(instance, rec, tracker, log=lambda _: None)
+        inter0, part0 = load_interactions(run.interactions), load_partition(run)
+        shards0 = [part0.shard_matrix(inter0.train, k) for k in range(K)]
+        v = inter0.valid.tocoo()
+        # a validation pair that some shard early-stops on (its user and item both in that shard)
+        local = [
+            (int(u), int(i), [k for k in range(K) if shards0[k][u].nnz and shards0[k][:, i].nnz])
+            for u, i in zip(v.row, v.col, strict=True)
+        ]
+        u, i, expected = next(x for x in local if x[2])
+        t = inter0.test.tocoo()
+        tu, ti = int(t.row[0]), int(t.col[0])
+        before = {k: run.shard_model(k).read_bytes() for k in range(K)}
+        uid, iid = str(inter0.user_ids[u]), str(inter0.item_ids[i])
+        reqs = [
+            NewRequest("interaction", uid, iid),
+            NewRequest("interaction", str(inter0.user_ids[tu]), str(inter0.item_ids[ti])),
+        ]
+        ledger = ledger_for(rec)
+        ledger.add(reqs)
+        assert validation_shards(inter0, part0.assignment, ledger.get()[:1], "local") == expected
+        report = unlearn_pending(instance, rec, tracker, log=lambda _: None)
+        assert report is not None and report.shards == expected and report.records == 0  # no training record
+        rows = ledger.get()
+        assert (
+            [r.status for r in rows] == ["applied", "applied"] and rows[0].shards == expected and rows[1].shards == []
+        )
+        assert [r.records for r in rows] == [1, 1]
+        inter = load_interactions(run.interactions)
+        assert inter.valid[u, i] == 0 and inter.valid.nnz == inter0.valid.nnz - 1
+        assert inter.test[tu, ti] == 0 and inter.test.nnz == inter0.test.nnz - 1
+        assert (inter.train != inter0.train).nnz == 0
+        assert all(run.shard_model(k).read_bytes() == before[k] for k in range(K) if k not in expected)
+        k = expected[0]
+        overrides = {**SHARD_DEFAULTS.get(cfg.model, {}), **cfg.model_overrides, "seed": cfg.seed + k}
+        fresh = build_model(cfg.model, inter.n_users, inter.n_items, **model_config(cfg.model, inter.name, overrides))
+        with training_threads():
+            fresh.fit(shards0[k], shard_validation(inter.valid, shards0[k]))
+        assert all(torch.equal(load_model(run.shard_model(k)).params[n], fresh.params[n]) for n in fresh.params)
+        assert set(graph_status(instance).values()) == {"fresh"}
+
+        # a user's erasure clears the user from train, validation and test
+        ledger.add([NewRequest("user", uid)])
+        unlearn_pending(instance, rec, tracker, log=lambda _: None)
+        inter = load_interactions(run.interactions)
+        assert inter.train[u].nnz == inter.valid[u].nnz == inter.test[u].nnz == 0
