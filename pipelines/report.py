@@ -171,7 +171,8 @@ def build_report(results: Path, out: Path) -> Path:
                 for k in ("shard_training", "aggregator_training", "evaluation", "dagster_and_io_overhead")
             )
             lines.append(
-                f"| {r['model']} | {r.get('shards', 10)} | {r['requests']} | {r['batch']} | "
+                f"| {r['model']} | {r.get('shards', 10)} | {r['requests']}{' users' * (r.get('kind') == 'user')} | "
+                f"{r['batch']} | "
                 f"{r['unlearning_seconds_mean']:.1f} | "
                 f"{r['unlearning_seconds_median']:.1f} | {r['unlearning_seconds_p95']:.1f} | {parts} | "
                 f"{r['retrain_seconds']:.1f} | {r.get('speedup_median', r['speedup_mean']):.2f}× | "
@@ -207,7 +208,9 @@ def deletion_costs(unlearning: list[dict[str, Any]]) -> dict[str, dict[str, Any]
     """Per base model, the sequential (batch 1, K = 10) record with the most requests."""
     best: dict[str, dict[str, Any]] = {}
     for r in unlearning:
-        if r.get("batch") != 1 or r.get("shards", 10) != 10 or "breakdown_mean_seconds" not in r:
+        if r.get("batch") != 1 or r.get("shards", 10) != 10 or r.get("kind", "interaction") != "interaction":
+            continue
+        if "breakdown_mean_seconds" not in r:
             continue
         if r["model"] not in best or r["requests"] >= best[r["model"]]["requests"]:
             best[r["model"]] = r

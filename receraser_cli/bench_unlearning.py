@@ -84,14 +84,21 @@ def cmd_bench_unlearning(args: argparse.Namespace) -> int:
     before = json.loads(run.evaluation.read_text())
     inter = load_interactions(run.interactions)
     rng = np.random.default_rng(args.sample_seed)
-    picks = rng.choice(inter.train.nnz, size=args.requests, replace=False)
-    users = np.repeat(np.arange(inter.n_users), np.diff(inter.train.indptr))
-    reqs = [
-        NewRequest(
-            "interaction", str(inter.user_ids[users[p]]), str(inter.item_ids[inter.train.indices[p]]), "benchmark"
-        )
-        for p in picks
-    ]
+    if args.kind == "user":  # whole users (GDPR erasure): every record in train, validation and test
+        active = np.flatnonzero(np.diff(inter.train.indptr))
+        reqs = [
+            NewRequest("user", str(inter.user_ids[u]), "", "benchmark")
+            for u in rng.choice(active, size=args.requests, replace=False)
+        ]
+    else:
+        picks = rng.choice(inter.train.nnz, size=args.requests, replace=False)
+        users = np.repeat(np.arange(inter.n_users), np.diff(inter.train.indptr))
+        reqs = [
+            NewRequest(
+                "interaction", str(inter.user_ids[users[p]]), str(inter.item_ids[inter.train.indices[p]]), "benchmark"
+            )
+            for p in picks
+        ]
     ledger = ledger_for(rec)
     times: list[float] = []
     breakdowns: list[dict[str, float]] = []
@@ -143,6 +150,7 @@ def cmd_bench_unlearning(args: argparse.Namespace) -> int:
         "shards": cfg.n_shards,
         "requests": args.requests,
         "batch": args.batch,
+        "kind": args.kind,
         "unlearning_seconds_mean": statistics.fmean(times),
         "unlearning_seconds_median": statistics.median(times),
         "unlearning_seconds_p95": _percentile(times, 95),
@@ -200,7 +208,15 @@ def add_unlearning_parser(bench_sub: argparse._SubParsersAction) -> None:
         "speedup and quality before / after / Retrain.",
     )
     add_pipeline_arguments(p)
-    p.add_argument("--requests", type=int, default=100, help="how many random training interactions (default 100)")
+    p.add_argument(
+        "--requests", type=int, default=100, help="how many random training interactions, or users (default 100)"
+    )
+    p.add_argument(
+        "--kind",
+        choices=["interaction", "user"],
+        default="interaction",
+        help="forget single training records, or whole users (all their records, every split)",
+    )
     p.add_argument("--batch", type=int, default=1, help="requests applied together (default 1: one at a time)")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the sampled requests")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

@@ -81,6 +81,7 @@ def test_deletion_cost_figure_takes_the_largest_sequential_run_per_model() -> No
         {"model": "wmf", "batch": 1, "requests": 20, "shards": 10, "breakdown_mean_seconds": {}, "tag": "seq20"},
         {"model": "wmf", "batch": 1, "requests": 80, "shards": 20, "breakdown_mean_seconds": {}, "tag": "k20"},
         {"model": "bpr", "batch": 1, "requests": 5, "breakdown_mean_seconds": {}, "tag": "bpr"},
+        {"model": "bpr", "batch": 1, "requests": 50, "kind": "user", "breakdown_mean_seconds": {}, "tag": "users"},
         {"model": "lightgcn", "batch": 1, "requests": 9, "tag": "no breakdown"},
     ]
     assert {m: r["tag"] for m, r in deletion_costs(runs).items()} == {"wmf": "seq50", "bpr": "bpr"}
