@@ -50,26 +50,32 @@ class Located:
     by_request: dict[int, np.ndarray]  # request id -> positions
 
 
-def _pairs_of_user(inter: Interactions, u: int) -> np.ndarray:
-    return inter.train.indices[inter.train.indptr[u] : inter.train.indptr[u + 1]].astype(np.int64)
-
-
 SPLITS = ("train", "valid", "test")
+
+
+def _indices(inter: Interactions, req: NewRequest | Request) -> tuple[int, int | None] | None:
+    """(user index, item index or None for a whole user), or None when an id is unknown."""
+    try:
+        return inter.user_index(req.user_id), None if req.kind == "user" else inter.item_index(req.item_id)
+    except KeyError:
+        return None
+
+
+def _hits(m: sp.csr_matrix, inter: Interactions, req: NewRequest | Request) -> np.ndarray:
+    """Positions (``m``'s CSR order) of the stored pairs of ``m`` the request names; found by id."""
+    ids = _indices(inter, req)
+    if ids is None:
+        return np.zeros(0, dtype=np.int64)
+    u, i = ids
+    start, end = int(m.indptr[u]), int(m.indptr[u + 1])
+    if i is None:
+        return np.arange(start, end, dtype=np.int64)
+    return start + np.flatnonzero(m.indices[start:end] == i).astype(np.int64)
 
 
 def split_counts(inter: Interactions, req: NewRequest | Request) -> dict[str, int]:
     """How many stored records of each split the request names (0 for unknown ids)."""
-    try:
-        u = inter.user_index(req.user_id)
-        i = None if req.kind == "user" else inter.item_index(req.item_id)
-    except KeyError:
-        return dict.fromkeys(SPLITS, 0)
-    out = {}
-    for split in SPLITS:
-        m = getattr(inter, split)
-        row = m.indices[m.indptr[u] : m.indptr[u + 1]]
-        out[split] = len(row) if i is None else int(np.count_nonzero(row == i))
-    return out
+    return {split: len(_hits(getattr(inter, split), inter, req)) for split in SPLITS}
 
 
 def check_request(inter: Interactions, req: NewRequest) -> int:
@@ -95,18 +101,8 @@ def check_request(inter: Interactions, req: NewRequest) -> int:
 
 def _without_requests(m: sp.csr_matrix, inter: Interactions, requests: Sequence[Request]) -> sp.csr_matrix:
     """A validation or test matrix minus the pairs the requests name (found by id, so idempotent)."""
-    drop = np.zeros(m.nnz, dtype=bool)
-    for req in requests:
-        try:
-            u = inter.user_index(req.user_id)
-            i = None if req.kind == "user" else inter.item_index(req.item_id)
-        except KeyError:
-            continue
-        start, end = m.indptr[u], m.indptr[u + 1]
-        drop[start:end] |= True if i is None else (m.indices[start:end] == i)
-    if not drop.any():
-        return m
-    return _without(m, np.flatnonzero(drop))
+    drop = np.unique(np.concatenate([_hits(m, inter, r) for r in requests] or [np.zeros(0, np.int64)]))
+    return _without(m, drop) if len(drop) else m
 
 
 def validation_shards(
@@ -118,15 +114,13 @@ def validation_shards(
     users = np.repeat(np.arange(inter.train.shape[0]), np.diff(inter.train.indptr))
     out: set[int] = set()
     for req in requests:
-        if split_counts(inter, req)["valid"] == 0:
+        hits = _hits(inter.valid, inter, req)
+        if len(hits) == 0:
             continue
         if scope != "local":
             return list(range(n_shards))
         u = inter.user_index(req.user_id)
-        v = inter.valid
-        items = v.indices[v.indptr[u] : v.indptr[u + 1]]
-        if req.kind != "user":
-            items = items[items == inter.item_index(req.item_id)]
+        items = inter.valid.indices[hits]
         user_shards = set(assignment[users == u].tolist())
         for i in items:
             out |= user_shards & set(assignment[inter.train.indices == i].tolist())
@@ -178,25 +172,7 @@ def _all_positions(by_request: dict[int, np.ndarray]) -> np.ndarray:
 
 
 def _positions(inter: Interactions, requests: Sequence[Request]) -> dict[int, np.ndarray]:
-    by_request: dict[int, np.ndarray] = {}
-    for req in requests:
-        try:
-            u = inter.user_index(req.user_id)
-        except KeyError:
-            by_request[req.id] = np.zeros(0, dtype=np.int64)
-            continue
-        start, end = inter.train.indptr[u], inter.train.indptr[u + 1]
-        cols = inter.train.indices[start:end]
-        if req.kind == "user":
-            pos = np.arange(start, end, dtype=np.int64)
-        else:
-            try:
-                i = inter.item_index(req.item_id)
-            except KeyError:
-                i = -1
-            pos = start + np.flatnonzero(cols == i).astype(np.int64)
-        by_request[req.id] = pos
-    return by_request
+    return {req.id: _hits(inter.train, inter, req) for req in requests}
 
 
 def locate(run: RunDir, requests: Sequence[Request]) -> Located:
