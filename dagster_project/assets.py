@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -12,17 +13,22 @@ import torch
 from dagster import (
     AssetExecutionContext,
     AssetKey,
+    AssetsDefinition,
+    BetaWarning,
     DagsterError,
     DataVersion,
+    DataVersionsByPartition,
     MaterializeResult,
     ResourceParam,
+    SourceAsset,
     asset,
+    observable_source_asset,
 )
 
 from dagster_project.partitions import PIPELINE, shard_partitions
 from dagster_project.resources import ReceraserResource, ledger_for
 from pipelines import steps
-from pipelines.forget import reapply_ledger
+from pipelines.forget import reapply_ledger, shard_deletion_versions
 from pipelines.retrain import model_config, retrain
 from pipelines.tracking import Tracker
 from receraser_core.data.interactions import csr_fingerprint
@@ -115,12 +121,7 @@ def interactions(context: AssetExecutionContext, receraser: ReceraserResource) -
 @asset(group_name=GROUP, deps=[interactions], code_version=f"wmf-{CONFIG}")
 def wmf_embeddings(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """Pretrained WMF user and item vectors, used only to partition."""
-    run = receraser.run_dir()
-    if run.embeddings.exists() and _run_tags(context).get("receraser/keep_interactions") == "1":
-        with steps.read_npz(run.embeddings) as z:  # forgetting keeps the partition embeddings (DESIGN.md 3.6)
-            u, i = z["user"], z["item"]
-    else:
-        u, i = steps.pretrain(run, receraser.pipeline_config(), context.log.info)
+    u, i = steps.pretrain(receraser.run_dir(), receraser.pipeline_config(), context.log.info)
     return MaterializeResult(
         metadata={"users": u.shape[0], "items": i.shape[0], "dim": u.shape[1]},
         data_version=DataVersion(_hash_arrays(u, i)),
@@ -134,11 +135,7 @@ def wmf_embeddings(context: AssetExecutionContext, receraser: ReceraserResource)
 )
 def shard_assignment(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """Shard id of every training interaction, with partition diagnostics."""
-    run = receraser.run_dir()
-    if run.assignment.exists() and _run_tags(context).get("receraser/keep_interactions") == "1":
-        part = steps.load_partition(run)  # a redaction, never a recomputed partition
-    else:
-        part = steps.partition(run, receraser.pipeline_config(), context.log.info)
+    part = steps.partition(receraser.run_dir(), receraser.pipeline_config(), context.log.info)
     d = part.diagnostics
     return MaterializeResult(
         metadata={
@@ -152,19 +149,51 @@ def shard_assignment(context: AssetExecutionContext, receraser: ReceraserResourc
     )
 
 
-@asset(group_name=GROUP, deps=[shard_assignment], partitions_def=shard_partitions, code_version=CONFIG)
+warnings.filterwarnings("ignore", category=BetaWarning, message=".*observable_source_asset")
+
+
+@observable_source_asset(
+    group_name=GROUP,
+    partitions_def=shard_partitions,
+    description="What has been deleted from each shard: a version per shard partition, from the deletion ledger.",
+)
+def deletion_requests(receraser: ReceraserResource) -> DataVersionsByPartition:
+    """Observed by `receraser unlearn` and the deletion sensor after each redaction (and by the UI's Observe).
+
+    Every artifact that must forget a record reads it (shard k's data and model, the aggregator, evaluation,
+    the Retrain baseline), so Dagster's own one-hop staleness marks exactly those as stale after a deletion."""
+    return DataVersionsByPartition(shard_deletion_versions(ledger_for(receraser), receraser.n_shards))
+
+
+@asset(
+    group_name=GROUP, deps=[shard_assignment, deletion_requests], partitions_def=shard_partitions, code_version=CONFIG
+)
 def shard_data(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
-    """Shard k's training interactions (every deletion in shard k already removed)."""
-    k = int(context.partition_key)
-    m = steps.write_shard_data(receraser.run_dir(), k)
+    """Shard k's training interactions (every deletion in shard k already removed) and the validation pairs its
+    model early-stops on: the data version covers both, so forgetting a validation record restales its shards."""
+    k, run = int(context.partition_key), receraser.run_dir()
+    m = steps.write_shard_data(run, k)
+    valid = steps.shard_valid_matrix(run, receraser.pipeline_config(), m)
     users = int((np.diff(m.indptr) > 0).sum())
     return MaterializeResult(
-        metadata={"interactions": int(m.nnz), "users": users, "items": int(len(np.unique(m.indices)))},
-        data_version=DataVersion(csr_fingerprint(m)[:24]),
+        metadata={
+            "interactions": int(m.nnz),
+            "users": users,
+            "items": int(len(np.unique(m.indices))),
+            "validation_pairs": int(valid.nnz),
+        },
+        data_version=DataVersion(
+            hashlib.sha256(f"{csr_fingerprint(m)}|{csr_fingerprint(valid)}".encode()).hexdigest()[:24]
+        ),
     )
 
 
-@asset(group_name=GROUP, deps=[shard_data], partitions_def=shard_partitions, code_version=f"{CONFIG}-m{SHARD_SETTINGS}")
+@asset(
+    group_name=GROUP,
+    deps=[shard_data, deletion_requests],
+    partitions_def=shard_partitions,
+    code_version=f"{CONFIG}-m{SHARD_SETTINGS}",
+)
 def shard_model(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -194,7 +223,9 @@ def shard_model(
     )
 
 
-@asset(group_name=GROUP, deps=[shard_model], code_version=f"{CONFIG}-m{SHARD_SETTINGS}-a{AGG_SETTINGS}")
+@asset(
+    group_name=GROUP, deps=[shard_model, deletion_requests], code_version=f"{CONFIG}-m{SHARD_SETTINGS}-a{AGG_SETTINGS}"
+)
 def aggregator(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -223,7 +254,9 @@ def aggregator(
     )
 
 
-@asset(group_name=GROUP, deps=[aggregator], code_version=f"{CONFIG}-m{SHARD_SETTINGS}-a{AGG_SETTINGS}")
+@asset(
+    group_name=GROUP, deps=[aggregator, deletion_requests], code_version=f"{CONFIG}-m{SHARD_SETTINGS}-a{AGG_SETTINGS}"
+)
 def evaluation(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -241,7 +274,7 @@ def evaluation(
     return MaterializeResult(metadata={k: float(v) for k, v in metrics.items()})
 
 
-@asset(group_name=GROUP, deps=[interactions], code_version=f"{CONFIG}-r{RETRAIN_SETTINGS}")
+@asset(group_name=GROUP, deps=[interactions, deletion_requests], code_version=f"{CONFIG}-r{RETRAIN_SETTINGS}")
 def retrain_model(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -262,10 +295,11 @@ def retrain_model(
     return MaterializeResult(metadata={**metrics, "fit_seconds": res.record["fit_seconds"]})
 
 
-ASSETS = [
+ASSETS: list[AssetsDefinition | SourceAsset] = [
     interactions,
     wmf_embeddings,
     shard_assignment,
+    deletion_requests,
     shard_data,
     shard_model,
     aggregator,

@@ -14,29 +14,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
-from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
-from dagster._core.loader import LoadingContext
+from dagster import (
+    AssetKey,
+    AssetObservation,
+    AssetRecordsFilter,
+    AssetsDefinition,
+    AssetSelection,
+    DagsterInstance,
+    EventLogRecord,
+    materialize,
+)
 
-from dagster_project.assets import ASSETS
+from dagster_project.assets import ASSETS, deletion_requests
 from dagster_project.partitions import shard_partitions
-from dagster_project.resources import ReceraserResource
+from dagster_project.resources import ReceraserResource, ledger_for
 from dagster_project.settings import state_dir
+from pipelines.forget import shard_deletion_versions
 from pipelines.steps import RunDir
 from pipelines.tracking import MlflowTracker, Tracker
 from receraser_core.state_file import integrity
 
-PARTITIONED = {"shard_data", "shard_model"}
-ORDER = [
-    "interactions",
-    "wmf_embeddings",
-    "shard_assignment",
-    "shard_data",
-    "shard_model",
-    "aggregator",
-    "evaluation",
-    "retrain_model",
-]
+#: The graph, read from the asset definitions (never re-declared): materializable assets in definition order,
+#: their parents, and which are shard-partitioned. ``deletion_requests`` is an observed source.
+_DEFS = {a.key.path[-1]: a for a in ASSETS if isinstance(a, AssetsDefinition)}
+ORDER = list(_DEFS)
+SOURCES = {deletion_requests.key.path[-1]}
+PARENTS = {name: [k.path[-1] for k in a.dependency_keys] for name, a in _DEFS.items()}
+PARTITIONED = {name for name, a in _DEFS.items() if a.partitions_def is not None} | SOURCES
+DATA_VERSION_TAG = "dagster/data_version"  # the tags Dagster writes on every event (its REST API's names too)
+CODE_VERSION_TAG = "dagster/code_version"
 DAGSTER_YAML = """\
 # written by receraser: embedded SQLite storage under this folder, no telemetry
 telemetry:
@@ -60,46 +66,51 @@ def get_instance(state_dir: Path) -> DagsterInstance:
     return DagsterInstance.get()
 
 
-class _Loading(LoadingContext):
-    def __init__(self, instance: DagsterInstance) -> None:
-        self._instance = instance
-        self._loaders: dict = {}
-
-    @property
-    def instance(self) -> DagsterInstance:
-        return self._instance
-
-    @property
-    def loaders(self) -> dict:
-        return self._loaders
+def _latest(instance: DagsterInstance, name: str, part: str | None, before: int | None = None) -> EventLogRecord | None:
+    """The latest materialization (observation, for a source) of an asset partition, optionally before an event."""
+    flt = AssetRecordsFilter(
+        asset_key=AssetKey(name), asset_partitions=[part] if part is not None else None, before_storage_id=before
+    )
+    fetch = instance.fetch_observations if name in SOURCES else instance.fetch_materializations
+    records = fetch(flt, limit=1).records
+    return records[0] if records else None
 
 
-def _graph() -> Any:
-    from dagster._core.definitions.assets.graph.asset_graph import AssetGraph
-
-    return AssetGraph.from_assets(ASSETS)
-
-
-PARENTS: dict[str, list[str]] = {
-    "interactions": [],
-    "wmf_embeddings": ["interactions"],
-    "shard_assignment": ["wmf_embeddings"],
-    "shard_data": ["shard_assignment"],
-    "shard_model": ["shard_data"],
-    "aggregator": ["shard_model"],
-    "evaluation": ["aggregator"],
-    "retrain_model": ["interactions"],
-}
+def _version(record: EventLogRecord | None) -> str | None:
+    event = record.asset_event if record is not None else None
+    return event.tags.get(DATA_VERSION_TAG) if event is not None and event.tags else None
 
 
-def _dagster_status(instance: DagsterInstance, resolver: Any, asset: str, partition: str | None) -> str:
-    key = AssetKey(asset)
-    if partition is None:
-        if instance.get_latest_materialization_event(key) is None:
-            return "missing"
-    elif partition not in instance.get_materialized_partitions(key):
+def _inputs(name: str, part: str | None, keys: Sequence[str]) -> list[tuple[str, str | None]]:
+    """An asset partition's inputs: the same shard for shard -> shard, every shard for shard -> unpartitioned."""
+    out: list[tuple[str, str | None]] = []
+    for parent in PARENTS[name]:
+        if parent not in PARTITIONED:
+            out.append((parent, None))
+        else:
+            out += [(parent, k) for k in ([part] if part is not None else keys)]
+    return out
+
+
+def _label(name: str, part: str | None) -> str:
+    return f"{name}[{part}]" if part is not None else name
+
+
+def _dagster_status(instance: DagsterInstance, name: str, part: str | None, keys: Sequence[str]) -> str:
+    """Dagster's data-version rule, read from its event records: 'missing' without a materialization, 'stale'
+    when the asset's code version or the data version of an input differs from what its latest materialization
+    recorded, else 'fresh'. (The UI and GraphQL `staleStatusByPartition` answer the same; a test checks it.)"""
+    record = _latest(instance, name, part)
+    if record is None:
         return "missing"
-    return "stale" if resolver.get_status(key, partition) == StaleStatus.STALE else "fresh"
+    event = record.asset_event
+    recorded = (event.tags or {}).get(CODE_VERSION_TAG) if event is not None else None
+    if recorded != _DEFS[name].get_asset_spec().code_version:
+        return "stale"
+    for parent, ppart in _inputs(name, part, keys):
+        if _version(_latest(instance, parent, ppart)) != _version(_latest(instance, parent, ppart, record.storage_id)):
+            return "stale"
+    return "fresh"
 
 
 def _files(run: RunDir | None, name: str, part: str | None) -> str:
@@ -124,24 +135,12 @@ def _files(run: RunDir | None, name: str, part: str | None) -> str:
     return next((s for s in ("missing", "corrupt", "unverified") if s in states), "ok")
 
 
-def _parent_labels(name: str, part: str | None, keys: Sequence[str]) -> list[str]:
-    """Labels of an asset's inputs: the same shard for shard -> shard, every shard for shard -> unpartitioned."""
-    labels: list[str] = []
-    for parent in PARENTS[name]:
-        if parent not in PARTITIONED:
-            labels.append(parent)
-        else:
-            labels += [f"{parent}[{k}]" for k in ([part] if part is not None else keys)]
-    return labels
-
-
 def graph_status(instance: DagsterInstance, include_retrain: bool = False, run: RunDir | None = None) -> dict[str, str]:
     """'missing', 'stale' or 'fresh' for every asset of the graph, partitions as ``shard_model[3]``.
 
-    Dagster marks an asset stale only when a *direct* input has a new data version (one hop); here staleness
-    is transitive, so after shard 3's data changes, shard_model[3], aggregator and evaluation all read stale.
-    """
-    resolver = CachingStaleStatusResolver(instance=instance, asset_graph=_graph(), loading_context=_Loading(instance))
+    Dagster marks an asset stale when a *direct* input has a new data version (one hop); here staleness is
+    transitive, so after shard 3's deletions change, shard_data[3], shard_model[3], aggregator and evaluation
+    all read stale."""
     keys = shard_partitions.get_partition_keys()
     out: dict[str, str] = {}
     for name in ORDER:
@@ -149,21 +148,32 @@ def graph_status(instance: DagsterInstance, include_retrain: bool = False, run: 
             continue
         parts: list[str | None] = list(keys) if name in PARTITIONED else [None]
         for part in parts:
-            label = f"{name}[{part}]" if part is not None else name
-            state = _dagster_status(instance, resolver, name, part)
+            state = _dagster_status(instance, name, part, keys)
             files = _files(run, name, part) if state != "missing" else "ok"
             if files != "ok":
                 state = files  # recorded by Dagster, but the run directory lost it or it was damaged
-            if state == "fresh" and any(out.get(p, "fresh") != "fresh" for p in _parent_labels(name, part, keys)):
+            inputs = [_label(p, k) for p, k in _inputs(name, part, keys) if p not in SOURCES]
+            if state == "fresh" and any(out.get(label, "fresh") != "fresh" for label in inputs):
                 state = "stale"
-            out[label] = state
+            out[_label(name, part)] = state
     return out
 
 
 def status(instance: DagsterInstance, asset: str, partition: str | None = None, run: RunDir | None = None) -> str:
     """'missing', 'stale' (transitively) or 'fresh' for one asset (partition)."""
-    label = f"{asset}[{partition}]" if partition is not None else asset
-    return graph_status(instance, include_retrain=asset == "retrain_model", run=run)[label]
+    return graph_status(instance, include_retrain=asset == "retrain_model", run=run)[_label(asset, partition)]
+
+
+def observe_deletions(instance: DagsterInstance, rec: ReceraserResource) -> list[str]:
+    """Record in Dagster the deletion version of every shard partition whose version changed (or was never
+    recorded): only those partitions' `shard_data` (and what is downstream) become stale. Returns their keys."""
+    changed = []
+    for key, version in shard_deletion_versions(ledger_for(rec), rec.n_shards).items():
+        if _version(_latest(instance, "deletion_requests", key)) != version:
+            tags = {DATA_VERSION_TAG: version, "dagster/data_version_is_user_provided": "true"}
+            instance.report_runless_asset_event(AssetObservation("deletion_requests", partition=key, tags=tags))
+            changed.append(key)
+    return changed
 
 
 @dataclass(frozen=True)
@@ -203,7 +213,7 @@ def selection_names(target: Target) -> list[str]:
     """Asset names the target covers, in graph order (downstream means all descendants)."""
     if not target.downstream:
         return [target.asset]
-    names = {k.path[-1] for k in AssetSelection.assets(target.asset).downstream().resolve(_graph())}
+    names = {k.path[-1] for k in AssetSelection.assets(target.asset).downstream().resolve(ASSETS)}
     if target.asset != "retrain_model":
         names.discard("retrain_model")  # the on-demand baseline never rides along with the main graph
     return [n for n in ORDER if n in names]
@@ -280,6 +290,8 @@ def materialize_target(
         log(f"materializing {', '.join(upstream)}")
         runs.append(materialize_names(instance, upstream, rec, tracker, tags=tags))
     keys = list(target.partitions or shard_partitions.get_partition_keys()) if parted else []
+    if "shard_data" in parted:
+        observe_deletions(instance, rec)
     stale_parts = set(todo([f"{n}[{k}]" for n in parted for k in keys]))
     keys = [k for k in keys if any(f"{n}[{k}]" in stale_parts for n in parted)]
     if keys and workers > 1:

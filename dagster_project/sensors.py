@@ -1,56 +1,99 @@
-"""Forgetting inside Dagster: the ledger as an observable source, a job that applies it, and a sensor
-(on by default) that launches the job whenever requests are outstanding."""
+"""Forgetting inside Dagster: a sensor (on by default) that turns outstanding deletion requests into runs.
 
-import hashlib
+Each tick does one of three things, from the ledger and the runs it launched:
+- pending requests and no batch under way: take the applier lock, redact them and record the affected shards'
+  new deletion versions (`unlearn.prepare_batch`, the code `receraser unlearn` runs), then request one run per
+  affected shard but the last (`shard_data` + `shard_model` of that partition);
+- those runs succeeded: request the last shard's run, which also rebuilds the aggregator and evaluation;
+- that run succeeded: mark the requests applied (a failed run marks them failed; `receraser unlearn` retries).
+Run keys make every request idempotent: a tick that repeats one does not start a second run.
+"""
+
+from __future__ import annotations
+
+import json
 
 from dagster import (
-    DataVersion,
+    AssetKey,
+    DagsterRunStatus,
     DefaultSensorStatus,
-    OpExecutionContext,
-    ResourceParam,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
+    SensorResult,
     SkipReason,
-    job,
-    observable_source_asset,
-    op,
     sensor,
 )
 
+from dagster_project.assets import aggregator, evaluation, shard_data, shard_model
 from dagster_project.resources import ReceraserResource, ledger_for
-from dagster_project.unlearn import unlearn_pending
-from pipelines.tracking import Tracker
+from dagster_project.unlearn import DELETIONS_TAG, Batch, RunSpec, prepare_batch, sensor_runs_in_flight
+from pipelines.ledger import ApplierBusy
+
+STAGE_TAG = "receraser/stage"
 
 
-@observable_source_asset(group_name="receraser", description="The deletion ledger (requests and their status).")
-def deletion_requests(receraser: ReceraserResource) -> DataVersion:
-    rows = ledger_for(receraser).get()
-    digest = hashlib.sha256("|".join(f"{r.id}:{r.status}" for r in rows).encode()).hexdigest()[:16]
-    return DataVersion(digest)
-
-
-@op
-def apply_deletion_requests(
-    context: OpExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
-) -> None:
-    """Apply every outstanding request: redact, retrain the affected shards, rebuild the aggregator."""
-    report = unlearn_pending(
-        context.instance, receraser, tracker, log=context.log.info, wait=600.0, owner=f"dagster run {context.run_id}"
+def _request(batch: Batch, spec: RunSpec, stage: str) -> RunRequest:
+    return RunRequest(
+        run_key=f"{batch.key}-{stage}",
+        asset_selection=[AssetKey(name) for name in spec.assets],
+        partition_key=spec.partition,
+        tags={**batch.tags("sensor"), STAGE_TAG: stage},
     )
-    if report is not None:
-        context.log.info(f"applied {report.request_ids}: shards {report.shards}, {report.seconds['total']:.1f} s")
 
 
-@job(description="Apply the outstanding deletion requests of the ledger (batched unlearning).")
-def unlearn_job() -> None:
-    apply_deletion_requests()
-
-
-@sensor(job=unlearn_job, minimum_interval_seconds=15, default_status=DefaultSensorStatus.RUNNING)
-def deletion_sensor(context: SensorEvaluationContext, receraser: ReceraserResource) -> RunRequest | SkipReason:
-    """Launch `unlearn_job` when the ledger has pending requests (failed ones wait for `receraser unlearn`)."""
-    pending = ledger_for(receraser).get(statuses=["pending"])
+def _start(context: SensorEvaluationContext, rec: ReceraserResource) -> SensorResult | SkipReason:
+    ledger = ledger_for(rec)
+    pending = ledger.get(statuses=["pending"])
     if not pending:
         return SkipReason("no pending deletion requests")
-    key = "unlearn-" + ",".join(str(r.id) for r in pending)
-    return RunRequest(run_key=key, tags={"receraser/deletions": ",".join(str(r.id) for r in pending)})
+    try:
+        with ledger.applier("dagster deletion sensor", wait=0):
+            if sensor_runs_in_flight(context.instance):
+                return SkipReason("runs of an earlier batch are still in flight")
+            batch = prepare_batch(context.instance, rec, ledger, pending, context.log.info)
+    except ApplierBusy as exc:
+        return SkipReason(str(exc))
+    cursor = json.dumps({"ids": batch.ids, "shards": batch.shards, "records": batch.records, "agg": batch.aggregator})
+    requests = [_request(batch, spec, f"shard-{spec.partition}") for spec in batch.shard_runs()]
+    if not requests:  # one shard (or none): the whole batch is one run
+        requests = [_request(batch, spec, "final") for spec in [batch.final_run(evaluation=True)] if spec]
+    return SensorResult(run_requests=requests, cursor=cursor)
+
+
+def _follow(context: SensorEvaluationContext, rec: ReceraserResource, batch: Batch) -> SensorResult | SkipReason:
+    ledger = ledger_for(rec)
+    runs = context.instance.get_runs(filters=RunsFilter(tags={DELETIONS_TAG: ",".join(map(str, batch.ids))}))
+    failed = [r for r in runs if r.status in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)]
+    if failed:
+        ledger.mark_failed(batch.ids, f"Dagster run {failed[0].run_id} failed; `receraser unlearn` retries")
+        return SensorResult(skip_reason=f"run {failed[0].run_id[:8]} failed; requests marked failed", cursor="")
+    done = {r.tags.get(STAGE_TAG) for r in runs if r.status == DagsterRunStatus.SUCCESS}
+    if "final" in done:
+        ledger.mark_applied(batch.ids, [r.run_id for r in runs], [])
+        return SensorResult(skip_reason=f"applied request(s) {batch.ids}", cursor="")
+    shard_stages = {f"shard-{spec.partition}" for spec in batch.shard_runs()}
+    final = batch.final_run(evaluation=True)
+    if shard_stages <= done and final is not None:
+        return SensorResult(run_requests=[_request(batch, final, "final")])  # run key: requested once
+    return SkipReason(f"applying request(s) {batch.ids}: waiting for their runs")
+
+
+@sensor(
+    target=[shard_data, shard_model, aggregator, evaluation],
+    minimum_interval_seconds=15,
+    default_status=DefaultSensorStatus.RUNNING,
+)
+def deletion_sensor(context: SensorEvaluationContext, receraser: ReceraserResource) -> SensorResult | SkipReason:
+    """Apply pending deletion requests through runs of the affected shards (failed ones wait for
+    `receraser unlearn`)."""
+    state = json.loads(context.cursor) if context.cursor else None
+    applying = [r.id for r in ledger_for(receraser).get(statuses=["applying"])]
+    if state and state["ids"] == applying:
+        return _follow(context, receraser, Batch(state["ids"], state["shards"], state["records"], state["agg"]))
+    if applying:
+        return SkipReason(
+            f"request(s) {applying} are being applied outside this sensor (or were interrupted: run "
+            "`receraser unlearn`)"
+        )
+    return _start(context, receraser)

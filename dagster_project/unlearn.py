@@ -1,11 +1,14 @@
 """Applying the deletion ledger through the asset graph (DESIGN.md section 3).
 
-All outstanding requests are applied together (batched unlearning): their records are redacted from the
-stored training data, every shard that held one is retrained once, the other shards' data is re-checked
-(same content, same data version, no retraining), then the aggregator and evaluation are rebuilt. A request
-becomes ``applied`` only after all of that succeeded; on any failure it is marked ``failed`` with the reason
-and the next `unlearn` retries it. The serving snapshot is replaced only by the aggregator step, so until
-then the previous model keeps serving.
+All outstanding requests are applied together (batched unlearning). `prepare_batch` redacts their records from
+the stored data and records in Dagster a new deletion version for each shard that held one (only those
+partitions go stale); `Batch.runs` lays the rebuild out as Dagster runs: one run per affected shard
+(`shard_data` + `shard_model`), the last of them also rebuilding the aggregator, so a batch touching m shards
+takes m runs, plus one for evaluation. `receraser unlearn` executes them in this process; the deletion sensor
+(`sensors.py`) turns the same batch into `RunRequest`s. A request becomes ``applied`` once the aggregator over
+the rebuilt shards serves; on any failure it is marked ``failed`` with the reason and the next `unlearn`
+retries it. The serving snapshot is replaced only by the aggregator step, so until then the previous model
+keeps serving.
 """
 
 from __future__ import annotations
@@ -18,13 +21,59 @@ from typing import Any
 import numpy as np
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from dagster_project.orchestrate import materialize_names
-from dagster_project.partitions import shard_partitions
+from dagster_project.orchestrate import materialize_names, observe_deletions
 from dagster_project.resources import ReceraserResource, ledger_for
 from pipelines.forget import finish_interrupted_redaction, locate, redact, split_counts, validation_shards
-from pipelines.ledger import Ledger
+from pipelines.ledger import ApplierBusy, Ledger, Request
 from pipelines.steps import load_interactions, load_partition
 from pipelines.tracking import Tracker
+
+DELETIONS_TAG = "receraser/deletions"  # request ids: MLflow runs are tagged with them, nothing computes from it
+LAUNCHED_BY_TAG = "receraser/launched_by"  # "unlearn" (this process) or "sensor" (the Dagster daemon)
+IN_FLIGHT = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One Dagster run of a batch: the assets it materializes and the shard partition (None: unpartitioned)."""
+
+    assets: tuple[str, ...]
+    partition: str | None
+
+
+@dataclass
+class Batch:
+    """The outstanding requests being applied together, after their redaction."""
+
+    ids: list[int]
+    shards: list[int]
+    records: int
+    aggregator: bool  # False only when every request named test records alone (only evaluation read them)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return "unlearn-" + ",".join(map(str, self.ids))
+
+    def tags(self, launched_by: str) -> dict[str, str]:
+        return {DELETIONS_TAG: ",".join(map(str, self.ids)), LAUNCHED_BY_TAG: launched_by}
+
+    def shard_runs(self) -> list[RunSpec]:
+        """Every affected shard but the last: its data and model."""
+        return [RunSpec(("shard_data", "shard_model"), str(k)) for k in self.shards[:-1]]
+
+    def final_run(self, evaluation: bool) -> RunSpec | None:
+        """The last shard with the aggregator (and evaluation, if asked); None when nothing but evaluation."""
+        tail: tuple[str, ...] = ("aggregator",) if self.aggregator else ()
+        tail += ("evaluation",) if evaluation else ()
+        if self.shards:
+            return RunSpec(("shard_data", "shard_model", *tail), str(self.shards[-1]))
+        return RunSpec(tail, None) if tail else None
 
 
 @dataclass
@@ -57,31 +106,77 @@ def unlearn_pending(
     wait: float = 0.0,
     owner: str = "receraser unlearn",
 ) -> UnlearnReport | None:
-    """Apply every outstanding request of the ledger; None when there is nothing to do.
+    """Apply every outstanding request of the ledger in this process; None when there is nothing to do.
 
     Holds the ledger's applier lock throughout (`Ledger.applier`; waits up to ``wait`` seconds for another
-    applier, then raises `ApplierBusy`), so two appliers never redact the same state."""
+    applier, then raises `ApplierBusy`), so two appliers never redact the same state; refuses while runs the
+    deletion sensor launched are still applying a batch."""
     ledger = ledger_for(rec)
     with ledger.applier(owner, wait=wait):
+        busy = sensor_runs_in_flight(instance)
+        if busy:
+            raise ApplierBusy(
+                f"Dagster run(s) {', '.join(r[:8] for r in busy)} launched by the deletion sensor are applying "
+                "requests; wait for them to finish (the Dagster UI shows them)"
+            )
         fail_abandoned_runs(instance, log)
         return _apply_outstanding(instance, rec, tracker, ledger, log)
 
 
+def sensor_runs_in_flight(instance: DagsterInstance) -> list[str]:
+    runs = instance.get_runs(filters=RunsFilter(statuses=IN_FLIGHT, tags={LAUNCHED_BY_TAG: "sensor"}))
+    return [r.run_id for r in runs]
+
+
 def fail_abandoned_runs(instance: DagsterInstance, log: Callable[[str], None] = print) -> list[str]:
-    """Mark failed the deletion runs (tagged ``receraser/deletions``) that Dagster still shows as started or
-    starting: called while holding the applier lock, so no live process can own them (a killed applier left
-    them). Returns their run ids."""
-    stuck = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING]))
-    ids = []
+    """Mark failed the deletion runs `unlearn` started (tagged ``receraser/launched_by=unlearn``) that Dagster
+    still shows as started or starting: called while holding the applier lock, so no live process can own them
+    (a killed applier left them). Returns their run ids."""
+    stuck = instance.get_runs(
+        filters=RunsFilter(
+            statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING], tags={LAUNCHED_BY_TAG: "unlearn"}
+        )
+    )
     for dagster_run in stuck:
-        if "receraser/deletions" in dagster_run.tags:
-            instance.report_run_failed(
-                dagster_run, "abandoned: the process applying this deletion ended before the run finished"
-            )
-            ids.append(dagster_run.run_id)
+        instance.report_run_failed(
+            dagster_run, "abandoned: the process applying this deletion ended before the run finished"
+        )
+    ids = [r.run_id for r in stuck]
     if ids:
         log(f"marked {len(ids)} abandoned deletion run(s) failed: {', '.join(i[:8] for i in ids)}")
     return ids
+
+
+def prepare_batch(
+    instance: DagsterInstance, rec: ReceraserResource, ledger: Ledger, todo: list[Request], log: Callable[[str], None]
+) -> Batch:
+    """Redact the requests' records (marking them ``applying`` first, with the shards they touch) and record
+    the affected shards' new deletion versions in Dagster. Call with the applier lock held."""
+    t0 = time.perf_counter()
+    run = rec.run_dir()
+    if finish_interrupted_redaction(run, todo):
+        log("finished a redaction that an interrupted unlearn had started")
+    loc = locate(run, todo)
+    inter, assignment = load_interactions(run.interactions), load_partition(run).assignment
+    scope = rec.pipeline_config().shard_valid
+    shards_by_id = {  # the shards holding a training record, and those early-stopping on a validation record
+        r.id: sorted(
+            set(r.shards)
+            | set(loc.shards[np.isin(loc.positions, loc.by_request[r.id])].tolist())
+            | set(validation_shards(inter, assignment, [r], scope))
+        )
+        for r in todo
+    }
+    counts = {r.id: split_counts(inter, r) for r in todo}
+    ledger.mark_applying(shards_by_id, {rid: sum(c.values()) for rid, c in counts.items()})  # before any change
+    _, removed = redact(run, todo)
+    observe_deletions(instance, rec)
+    shards = sorted({k for s in shards_by_id.values() for k in s})
+    test_only = all(c["test"] and not c["train"] and not c["valid"] for c in counts.values())
+    log(f"applying {len(todo)} request(s): {removed} record(s) removed, shard(s) {shards or 'none'} to retrain")
+    return Batch(
+        [r.id for r in todo], shards, int(len(loc.positions)), not test_only, {"redact": time.perf_counter() - t0}
+    )
 
 
 def _apply_outstanding(
@@ -91,56 +186,22 @@ def _apply_outstanding(
     if not todo:
         log("no outstanding deletion requests")
         return None
-    run = rec.run_dir()
     ids = [r.id for r in todo]
     t0 = time.perf_counter()
+    recorder = _Recording(tracker)
+    runs: list[str] = []
     try:
-        if finish_interrupted_redaction(run, todo):
-            log("finished a redaction that an interrupted unlearn had started")
-        loc = locate(run, todo)
-        inter, assignment = load_interactions(run.interactions), load_partition(run).assignment
-        scope = rec.pipeline_config().shard_valid
-        shards_by_id = {  # the shards holding a training record, and those early-stopping on a validation record
-            r.id: sorted(
-                set(r.shards)
-                | set(loc.shards[np.isin(loc.positions, loc.by_request[r.id])].tolist())
-                | set(validation_shards(inter, assignment, [r], scope))
-            )
-            for r in todo
-        }
-        counts = {r.id: sum(split_counts(inter, r).values()) for r in todo}
-        ledger.mark_applying(shards_by_id, counts)  # durable before any data changes
-        affected = sorted({k for s in shards_by_id.values() for k in s})
-        _, removed = redact(run, todo)
-        log(
-            f"applying {len(ids)} request(s): {removed} training record(s) removed, "
-            f"shard(s) {affected or 'none'} to retrain"
-        )
-        seconds = {"redact": time.perf_counter() - t0}
-        recorder = _Recording(tracker)
-        tags = {"receraser/keep_interactions": "1", "receraser/deletions": ",".join(map(str, ids))}
-        runs = [
-            materialize_names(
-                instance, ["interactions", "wmf_embeddings", "shard_assignment"], rec, recorder, tags=tags
-            )
-        ]
-        seconds["upstream"] = time.perf_counter() - t0 - seconds["redact"]
-        t1 = time.perf_counter()
-        for key in shard_partitions.get_partition_keys():
-            retrain = int(key) in affected
-            names = ["shard_data", "shard_model"] if retrain else ["shard_data"]
-            if retrain:
-                log(f"  retraining shard {key} ...")
+        batch = prepare_batch(instance, rec, ledger, todo, log)
+        tags = batch.tags("unlearn")
+        final = batch.final_run(evaluation=False)
+        for spec in [*batch.shard_runs(), *([final] if final else [])]:
+            what = f"shard {spec.partition}" if spec.partition is not None else ""
+            what += (" and " if what else "") + "the aggregator" if "aggregator" in spec.assets else ""
+            log(f"  retraining {what} ...")
             tk = time.perf_counter()
-            runs.append(materialize_names(instance, names, rec, recorder, partition=key, tags=tags))
-            if retrain:
-                log(f"  shard {key} retrained in {time.perf_counter() - tk:.1f} s")
-        seconds["shards"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        log("  retraining the aggregator over all shards ...")
-        runs.append(materialize_names(instance, ["aggregator"], rec, recorder, tags=tags))
-        seconds["aggregator"] = time.perf_counter() - t2
-        log(f"  aggregator done in {seconds['aggregator']:.1f} s; the new model serves")
+            runs.append(materialize_names(instance, spec.assets, rec, recorder, partition=spec.partition, tags=tags))
+            log(f"  {what} done in {time.perf_counter() - tk:.1f} s")
+        seconds = {**batch.seconds, "runs": time.perf_counter() - t0 - batch.seconds["redact"]}
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
         ledger.mark_failed(ids, f"{type(exc).__name__}: {exc}")
         raise
@@ -157,4 +218,4 @@ def _apply_outstanding(
     seconds["evaluation"] = time.perf_counter() - t3
     seconds["total"] = time.perf_counter() - t0
     log(f"  evaluation done in {seconds['evaluation']:.1f} s")
-    return UnlearnReport(ids, int(len(loc.positions)), affected, runs, seconds)
+    return UnlearnReport(ids, batch.records, batch.shards, runs, seconds)

@@ -13,6 +13,7 @@ records finishes the job (the ledger keeps those records as ``applying``).
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -251,6 +252,21 @@ def finish_interrupted_redaction(run: RunDir, requests: Sequence[Request]) -> bo
 def check_consistent(run: RunDir) -> bool:
     """True when the shard assignment belongs to the stored training matrix."""
     return assignment_matches(run, load_interactions(run.interactions).train)
+
+
+def shard_deletion_versions(ledger: Ledger, n_shards: int) -> dict[str, str]:
+    """Per shard partition, a version of what has been deleted from that shard: a hash of the ids of the requests
+    whose records it held (the shards are recorded when a request starts applying, before its redaction). Only
+    the shards a request touches get a new version, so only their partitions go stale."""
+    ids: dict[int, list[int]] = {k: [] for k in range(n_shards)}
+    for r in ledger.get():
+        for k in r.shards:
+            if k in ids:
+                ids[k].append(r.id)
+    return {
+        str(k): hashlib.sha256(",".join(map(str, sorted(v))).encode()).hexdigest()[:16] if v else "none"
+        for k, v in ids.items()
+    }
 
 
 def reapply_ledger(run: RunDir, ledger: Ledger) -> Interactions:

@@ -248,6 +248,15 @@ def shard_validation(valid: sp.csr_matrix, shard: sp.csr_matrix) -> sp.csr_matri
     return out
 
 
+def _shard_valid(inter: Interactions, cfg: PipelineConfig, shard: sp.csr_matrix) -> sp.csr_matrix:
+    return shard_validation(inter.valid, shard) if cfg.shard_valid == "local" else inter.valid
+
+
+def shard_valid_matrix(run: RunDir, cfg: PipelineConfig, shard: sp.csr_matrix) -> sp.csr_matrix:
+    """The validation pairs shard ``shard``'s model early-stops on (all of validation with ``shard_valid=global``)."""
+    return _shard_valid(load_interactions(run.interactions), cfg, shard)
+
+
 def write_shard_data(run: RunDir, k: int) -> sp.csr_matrix:
     """Store shard k's current training interactions as ``shards/<k>/data.npz``; returns the matrix."""
     m = shard_train_matrix(run, k)
@@ -299,7 +308,7 @@ def train_shard(
         data = load_partition(run).shard_matrix(inter.train, k)
     model = build_model(cfg.model, inter.n_users, inter.n_items, **shard_model_config(cfg, inter.name, k))
     with training_threads():
-        fit = model.fit(data, shard_validation(inter.valid, data) if cfg.shard_valid == "local" else inter.valid)
+        fit = model.fit(data, _shard_valid(inter, cfg, data))
     model.save(run.shard_model(k))
     write_json(
         run.shard_fit(k),

@@ -73,11 +73,33 @@ def test_definitions_load() -> None:
         "deletion_requests",
     }
     assert defs.resolve_job_def("__ASSET_JOB") is not None
-    assert defs.resolve_job_def("unlearn_job") is not None
     assert defs.resolve_sensor_def("deletion_sensor").default_status.value == "RUNNING"
     node = graph.get(AssetKey("shard_model"))
     assert node.partitions_def.get_partition_keys() == [str(k) for k in range(K)]
     assert graph.get(AssetKey("aggregator")).partitions_def is None
+    # what was deleted from shard k is its own partitioned data, an input of shard_data[k] alone
+    assert AssetKey("deletion_requests") in graph.get(AssetKey("shard_data")).parent_keys
+    assert graph.get(AssetKey("deletion_requests")).partitions_def == node.partitions_def
+
+
+def test_no_module_uses_private_dagster_names() -> None:
+    """Private Dagster modules (``dagster._core`` and the like) may change in any release: none is imported."""
+    import ast
+
+    offenders = []
+    for folder in ("dagster_project", "pipelines", "receraser_core", "receraser_cli", "tests"):
+        for path in sorted((PROJECT_ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                bad = [
+                    n
+                    for n in names
+                    if n.split(".")[0].startswith("dagster") and any(p.startswith("_") for p in n.split(".")[1:])
+                ]
+                offenders += [f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}: {n}" for n in bad]
+    assert offenders == []
 
 
 def test_assets_called_directly(tmp_path: Path) -> None:

@@ -9,15 +9,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from dagster import instance_for_test
+from dagster import DagsterInstance, RunsFilter, instance_for_test
 
 from dagster_project.erasure_report import erasure_report, format_report
-from dagster_project.orchestrate import graph_status, run_graph
+from dagster_project.orchestrate import graph_status, materialize_names, run_graph
+from dagster_project.resources import ReceraserResource
 from dagster_project.unlearn import ledger_for, unlearn_pending
 from pipelines.config import SHARD_DEFAULTS
 from pipelines.forget import ForgetError, check_request, locate, read_request_file, redact
@@ -175,8 +177,9 @@ def test_forgetting_is_exact(tmp_path: Path, model: str, monkeypatch: pytest.Mon
         rebuilt = {m["asset"]: m for run_ in rep["dagster_runs"] for m in run_["rebuilt"]}
         assert {"shard_data[1]", "shard_model[1]", "aggregator"} <= set(rebuilt)
         assert rebuilt["shard_data[1]"]["data_version_before"] != rebuilt["shard_data[1]"]["data_version_after"]
-        assert rebuilt["shard_data[0]"]["data_version_before"] == rebuilt["shard_data[0]"]["data_version_after"]
-        assert "Deletion request #1" in format_report(rep) and "(unchanged)" in format_report(rep)
+        assert not any(f"shard_{a}[{k}]" in rebuilt for a in ("data", "model") for k in range(K) if k != 1)
+        assert len(rep["dagster_runs"]) == 1  # one run: shard 1's data and model, the aggregator (evaluation after)
+        assert "Deletion request #1" in format_report(rep) and "shard_model[1]" in format_report(rep)
         # no trace of the request in the model files
         for path in [run.aggregator, run.serving, *(run.shard_model(k) for k in range(K)), run.shard_fit(1)]:
             assert b"zz-reason-7f3a" not in path.read_bytes() and b"receraser/deletions" not in path.read_bytes()
@@ -290,26 +293,57 @@ def test_cli_forget_kill_and_fail_then_recover(tmp_path: Path) -> None:
         assert refused.returncode == 2 and "argument -n" in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_sensor_launches_the_unlearn_job(tmp_path: Path) -> None:
+def _execute(instance: DagsterInstance, rec: ReceraserResource, tracker: MemoryTracker, request: Any) -> None:
+    """What the Dagster daemon does with a sensor's run request: one run of its assets and partition."""
+    names = [k.path[-1] for k in request.asset_selection]
+    materialize_names(instance, names, rec, tracker, partition=request.partition_key, tags=request.tags)
+
+
+def test_sensor_turns_a_batch_into_runs_of_the_affected_shards(tmp_path: Path) -> None:
     from dagster import build_sensor_context
 
-    from dagster_project.sensors import deletion_sensor, unlearn_job
+    from dagster_project.sensors import deletion_sensor
 
     rec, tracker = _resource(tmp_path), MemoryTracker()
+    run = rec.run_dir()
     with instance_for_test() as instance:
         run_graph(instance, rec, tracker, log=lambda _: None)
-        ctx = build_sensor_context(instance=instance, resources={"receraser": rec})
-        assert deletion_sensor(ctx, receraser=rec).__class__.__name__ == "SkipReason"
-        doomed = _pick_records(rec.run_dir(), 0, 1)
-        ledger_for(rec).add([NewRequest("interaction", *doomed[0])])
-        request = deletion_sensor(ctx, receraser=rec)
-        assert request.run_key == "unlearn-1" and request.tags["receraser/deletions"] == "1"
-        result = unlearn_job.execute_in_process(
-            instance=instance, resources={"receraser": rec, "tracker": tracker}, tags=request.tags
-        )
-        assert result.success
-        assert ledger_for(rec).get()[0].status == "applied"
-        assert deletion_sensor(ctx, receraser=rec).__class__.__name__ == "SkipReason"
+
+        def tick(cursor: str | None = None) -> Any:
+            return deletion_sensor(build_sensor_context(instance=instance, cursor=cursor), receraser=rec)
+
+        assert tick().__class__.__name__ == "SkipReason"
+        before = {k: run.shard_model(k).read_bytes() for k in range(K)}
+        doomed = _pick_records(run, 0, 1) + _pick_records(run, 2, 1)
+        ledger_for(rec).add([NewRequest("interaction", u, i) for u, i in doomed])
+        first = tick()  # redacts, records shard 0's and 2's deletion versions, requests shard 0's run
+        assert [(r.partition_key, r.run_key) for r in first.run_requests] == [("0", "unlearn-1,2-shard-0")]
+        assert [k.path[-1] for k in first.run_requests[0].asset_selection] == ["shard_data", "shard_model"]
+        stale = {k for k, v in graph_status(instance).items() if v != "fresh"}
+        assert stale == {
+            "shard_data[0]",
+            "shard_data[2]",
+            "shard_model[0]",
+            "shard_model[2]",
+            "aggregator",
+            "evaluation",
+        }
+        assert all(r.status == "applying" for r in ledger_for(rec).get())
+        assert tick(first.cursor).__class__.__name__ == "SkipReason"  # its run has not finished
+        _execute(instance, rec, tracker, first.run_requests[0])
+        second = tick(first.cursor)  # the last shard, the aggregator and evaluation in one run
+        (final,) = second.run_requests
+        assert final.partition_key == "2" and final.run_key == "unlearn-1,2-final"
+        assert [k.path[-1] for k in final.asset_selection] == ["shard_data", "shard_model", "aggregator", "evaluation"]
+        _execute(instance, rec, tracker, final)
+        third = tick(first.cursor)
+        assert not third.run_requests and third.cursor == ""
+        assert all(r.status == "applied" and len(r.dagster_runs) == 2 for r in ledger_for(rec).get())
+        assert set(graph_status(instance).values()) == {"fresh"}
+        assert run.shard_model(1).read_bytes() == before[1]  # the untouched shard: not retrained
+        assert all(run.shard_model(k).read_bytes() != before[k] for k in (0, 2))
+        assert len(instance.get_runs(filters=RunsFilter(tags={"receraser/deletions": "1,2"}))) == 2
+        assert tick().__class__.__name__ == "SkipReason"
 
 
 def _prepared_run(tmp_path: Path) -> tuple[RunDir, Ledger, list[tuple[str, str]]]:
