@@ -28,7 +28,7 @@ from dagster import (
 from dagster_project.assets import ASSETS, deletion_requests
 from dagster_project.partitions import shard_partitions
 from dagster_project.resources import ReceraserResource, ledger_for
-from dagster_project.settings import state_dir
+from dagster_project.settings import executor, state_dir
 from pipelines.forget import shard_deletion_versions
 from pipelines.steps import RunDir
 from pipelines.tracking import MlflowTracker, Tracker
@@ -235,6 +235,8 @@ def materialize_names(
     # events always reach the instance and the UI; on the console a failed step is its one line from the CLI
     # (raise_on_error re-raises it), its stack trace only with RECERASER_VERBOSE
     level = "DEBUG" if os.environ.get("RECERASER_VERBOSE") else "CRITICAL"
+    if executor() == "celery":
+        return _execute_on_workers(instance, names, partition, tags or {}, level)
     result = materialize(
         ASSETS,
         selection=list(names),
@@ -246,6 +248,38 @@ def materialize_names(
         run_config={"loggers": {"console": {"config": {"log_level": level}}}},
     )
     return result.run_id
+
+
+def _root_cause(error: Any) -> str:
+    """The innermost message of a Dagster error chain (the step's own exception, not the wrapper)."""
+    while error is not None and error.cause is not None:
+        error = error.cause
+    return error.message.strip() if error is not None else "unknown error"
+
+
+def _execute_on_workers(
+    instance: DagsterInstance, names: Sequence[str], partition: str | None, tags: dict[str, str], level: str
+) -> str:
+    """One run of the Definitions' asset job whose steps the workers of its executor (Celery) execute: the code
+    is found through `dagster.reconstructable`, the resources are those of the Definitions (settings and
+    environment), the storage is the instance's (Postgres, in such a deployment)."""
+    from dagster import execute_job, reconstructable
+
+    from dagster_project.definitions import asset_job
+
+    with execute_job(
+        reconstructable(asset_job),
+        instance,
+        run_config={"loggers": {"console": {"config": {"log_level": level}}}},
+        tags={**tags, **({"dagster/partition": partition} if partition is not None else {})},
+        asset_selection=[AssetKey(n) for n in names],
+        raise_on_error=True,
+    ) as result:
+        if not result.success:
+            failures = [e for e in result.all_events if e.is_step_failure]
+            why = "; ".join(f"{e.step_key}: {_root_cause(e.step_failure_data.error)}" for e in failures)
+            raise RuntimeError(f"Dagster run {result.run_id} failed on the workers: {why or 'see the Dagster UI'}")
+        return result.run_id
 
 
 def _partition_worker(args: tuple[str, list[str], str, dict[str, Any], dict[str, str]]) -> tuple[str, str]:

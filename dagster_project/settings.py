@@ -64,3 +64,21 @@ def run_root(cfg: PipelineConfig) -> Path:
     """The pipeline's run directory: one per configuration, under the state directory."""
     name = f"{cfg.dataset.replace(':', '_').replace('/', '_')}-{cfg.model}-{cfg.partitioner}-{cfg.aggregator}"
     return state_dir() / "pipeline" / f"{name}-K{cfg.n_shards}-s{cfg.seed}-{cfg.fingerprint()[:8]}"
+
+
+EXECUTORS = ("in_process", "celery")
+
+
+def executor() -> str:
+    """``$RECERASER_EXECUTOR``: ``in_process`` (default: every step in the process that starts the run) or
+    ``celery`` (steps run on dagster-celery workers listening on ``$RECERASER_CELERY_BROKER``)."""
+    name = os.environ.get("RECERASER_EXECUTOR", "in_process")
+    if name not in EXECUTORS:
+        raise ConfigError(f"RECERASER_EXECUTOR={name!r}: expected one of {', '.join(EXECUTORS)}")
+    return name
+
+
+def celery_config() -> dict[str, str]:
+    """The dagster-celery executor's config: broker and result backend (a Redis-protocol server by default)."""
+    broker = os.environ.get("RECERASER_CELERY_BROKER", "redis://127.0.0.1:6379/0")
+    return {"broker": broker, "backend": os.environ.get("RECERASER_CELERY_BACKEND", broker)}

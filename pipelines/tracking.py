@@ -7,7 +7,9 @@ GraphEraser and Retrain runs sit side by side in the MLflow UI.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +95,9 @@ class MlflowTracker:
         if exp is not None:
             return str(exp.experiment_id)
         self.artifact_root.mkdir(parents=True, exist_ok=True)
-        return str(client.create_experiment(name, artifact_location=(self.artifact_root / name).resolve().as_uri()))
+        # a short folder name: MLflow keeps a run's artifact location in 200 characters (enforced by Postgres)
+        folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-40:] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+        return str(client.create_experiment(name, artifact_location=(self.artifact_root / folder).resolve().as_uri()))
 
     def log_run(
         self,
