@@ -172,8 +172,7 @@ def shard_data(context: AssetExecutionContext, receraser: ReceraserResource) -> 
     """Shard k's training interactions (every deletion in shard k already removed) and the validation pairs its
     model early-stops on: the data version covers both, so forgetting a validation record restales its shards."""
     k, run = int(context.partition_key), receraser.run_dir()
-    m = steps.write_shard_data(run, k)
-    valid = steps.shard_valid_matrix(run, receraser.pipeline_config(), m)
+    m, valid = steps.write_shard_data(run, receraser.pipeline_config(), k)
     users = int((np.diff(m.indptr) > 0).sum())
     return MaterializeResult(
         metadata={

@@ -70,6 +70,7 @@ def erasure_report(instance: DagsterInstance, ledger: Ledger, request_id: int) -
         "applied_at": r.applied_at or None,
         "records_removed": r.records,
         "shards_retrained": r.shards,
+        "rebuilt_and_why": r.rebuilt,
         "dagster_runs": runs,
         "mlflow_runs": r.mlflow_runs,
         "statement": EXACTNESS if r.status == "applied" else f"not applied yet ({r.status}); no statement",
@@ -91,6 +92,8 @@ def format_report(rep: dict[str, Any]) -> str:
         f"  status         : {rep['status']}" + (f", applied {rep['applied_at']}" if rep["applied_at"] else ""),
         f"  records removed: {rep['records_removed']} from the training data",
         f"  shards retrained: {', '.join(map(str, rep['shards_retrained'])) or 'none'}",
+        "  rebuilt, and why:",
+        *(f"    {what}: {why}" for what, why in rep["rebuilt_and_why"].items()),
         "  rebuilt by these Dagster runs (data version before -> after):",
     ]
     for run in rep["dagster_runs"]:

@@ -164,11 +164,16 @@ def status(instance: DagsterInstance, asset: str, partition: str | None = None, 
     return graph_status(instance, include_retrain=asset == "retrain_model", run=run)[_label(asset, partition)]
 
 
-def observe_deletions(instance: DagsterInstance, rec: ReceraserResource) -> list[str]:
-    """Record in Dagster the deletion version of every shard partition whose version changed (or was never
-    recorded): only those partitions' `shard_data` (and what is downstream) become stale. Returns their keys."""
+def observe_deletions(
+    instance: DagsterInstance, rec: ReceraserResource, keys: Sequence[str] | None = None
+) -> list[str]:
+    """Record in Dagster the deletion version of every shard partition (of ``keys``, default all) whose version
+    changed or was never recorded: only those partitions' `shard_data` (and what is downstream) become stale.
+    Returns their keys."""
     changed = []
     for key, version in shard_deletion_versions(ledger_for(rec), rec.n_shards).items():
+        if keys is not None and key not in keys:
+            continue
         if _version(_latest(instance, "deletion_requests", key)) != version:
             tags = {DATA_VERSION_TAG: version, "dagster/data_version_is_user_provided": "true"}
             instance.report_runless_asset_event(AssetObservation("deletion_requests", partition=key, tags=tags))

@@ -156,27 +156,46 @@ def prepare_batch(
     run = rec.run_dir()
     if finish_interrupted_redaction(run, todo):
         log("finished a redaction that an interrupted unlearn had started")
-    loc = locate(run, todo)
-    inter, assignment = load_interactions(run.interactions), load_partition(run).assignment
+    inter = load_interactions(run.interactions)
+    assignment = load_partition(run, inter).assignment
+    loc = locate(run, todo, inter, assignment)
     scope = rec.pipeline_config().shard_valid
-    shards_by_id = {  # the shards holding a training record, and those early-stopping on a validation record
-        r.id: sorted(
-            set(r.shards)
-            | set(loc.shards[np.isin(loc.positions, loc.by_request[r.id])].tolist())
-            | set(validation_shards(inter, assignment, [r], scope))
-        )
-        for r in todo
-    }
+    held = {r.id: loc.shards[np.isin(loc.positions, loc.by_request[r.id])].tolist() for r in todo}
+    stopped = {r.id: validation_shards(inter, assignment, [r], scope) for r in todo}
+    # the shards holding a training record, and those early-stopping on a validation record
+    shards_by_id = {r.id: sorted(set(r.shards) | set(held[r.id]) | set(stopped[r.id])) for r in todo}
     counts = {r.id: split_counts(inter, r) for r in todo}
-    ledger.mark_applying(shards_by_id, {rid: sum(c.values()) for rid, c in counts.items()})  # before any change
+    rebuilt = {r.id: _why(held[r.id], stopped[r.id], counts[r.id]) for r in todo}
+    ledger.mark_applying(shards_by_id, {rid: sum(c.values()) for rid, c in counts.items()}, rebuilt)  # first
     _, removed = redact(run, todo)
-    observe_deletions(instance, rec)
     shards = sorted({k for s in shards_by_id.values() for k in s})
+    observe_deletions(instance, rec, [str(k) for k in shards])
     test_only = all(c["test"] and not c["train"] and not c["valid"] for c in counts.values())
     log(f"applying {len(todo)} request(s): {removed} record(s) removed, shard(s) {shards or 'none'} to retrain")
     return Batch(
         [r.id for r in todo], shards, int(len(loc.positions)), not test_only, {"redact": time.perf_counter() - t0}
     )
+
+
+def _why(held: list[int], stopped: list[int], counts: dict[str, int]) -> dict[str, str]:
+    """What a request makes rebuild and why, for the erasure report ({} when its records are already gone)."""
+    if not any(counts.values()):
+        return {}
+    out: dict[str, list[str]] = {}
+    for k in sorted(set(held)):
+        n = held.count(k)
+        out.setdefault(f"shard {k}", []).append(
+            f"held {n} of its training records" if n > 1 else "held its training record"
+        )
+    for k in stopped:
+        out.setdefault(f"shard {k}", []).append("early-stopped on its validation record(s)")
+    why = {key: "; ".join(reasons) for key, reasons in out.items()}
+    if counts["train"] or counts["valid"]:
+        selected = " and selects on validation without it" if counts["valid"] else ""
+        why["aggregator"] = f"trains on all remaining training data{selected}: retrained from its seeded start"
+    tested = f"{counts['test']} test record(s) removed; " if counts["test"] else ""
+    why["evaluation"] = f"{tested}rerun on the new model and the remaining test data"
+    return why
 
 
 def _apply_outstanding(

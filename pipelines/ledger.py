@@ -47,9 +47,12 @@ CREATE TABLE IF NOT EXISTS requests (
     mlflow_runs   TEXT NOT NULL DEFAULT '[]',
     error         TEXT NOT NULL DEFAULT '',
     applied_at    TEXT NOT NULL DEFAULT '',
+    rebuilt       TEXT NOT NULL DEFAULT '{}',
     UNIQUE (kind, user_id, item_id)
 );
 """
+#: Columns added after the first release, with their definitions: an older ledger gets them on open.
+ADDED_COLUMNS = {"rebuilt": "TEXT NOT NULL DEFAULT '{}'"}
 
 
 class ApplierBusy(DataError):
@@ -98,11 +101,12 @@ class Request:
     mlflow_runs: list[str]
     error: str
     applied_at: str
+    rebuilt: dict[str, str]  # what the request made rebuild, and why ("shard 3": "held 1 training record")
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Request:
         d = dict(row)
-        for key in ("shards", "dagster_runs", "mlflow_runs"):
+        for key in ("shards", "dagster_runs", "mlflow_runs", "rebuilt"):
             d[key] = json.loads(d[key])
         return cls(**d)
 
@@ -127,6 +131,10 @@ class Ledger:
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
+            present = {row[1] for row in con.execute("PRAGMA table_info(requests)")}
+            for name, definition in ADDED_COLUMNS.items():
+                if name not in present:
+                    con.execute(f"ALTER TABLE requests ADD COLUMN {name} {definition}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -255,17 +263,25 @@ class Ledger:
         """Requests not yet applied: pending, applying (an interrupted apply) and failed (to retry)."""
         return self.get(statuses=["pending", "applying", "failed"])
 
-    def mark_applying(self, shards_by_id: dict[int, list[int]], records_by_id: dict[int, int] | None = None) -> None:
-        """Before any data changes: the shards each request touches and, when found, how many stored records it
-        names (a count of 0, as after an interrupted redaction, keeps the count found earlier)."""
-        records_by_id = records_by_id or {}
+    def mark_applying(
+        self,
+        shards_by_id: dict[int, list[int]],
+        records_by_id: dict[int, int] | None = None,
+        rebuilt_by_id: dict[int, dict[str, str]] | None = None,
+    ) -> None:
+        """Before any data changes: the shards each request touches, what it makes rebuild and why, and, when
+        found, how many stored records it names (a count of 0 or nothing to say, as after an interrupted
+        redaction, keeps what was found earlier)."""
+        records_by_id, rebuilt_by_id = records_by_id or {}, rebuilt_by_id or {}
         with self._transaction() as con:
             for rid, shards in shards_by_id.items():
                 n = int(records_by_id.get(rid, 0))
+                why = json.dumps(rebuilt_by_id.get(rid) or {})
                 con.execute(
                     "UPDATE requests SET status='applying', shards=?, error='', "
-                    "records=CASE WHEN ? > 0 THEN ? ELSE records END WHERE id=?",
-                    (json.dumps(sorted(set(shards))), n, n, rid),
+                    "records=CASE WHEN ? > 0 THEN ? ELSE records END, "
+                    "rebuilt=CASE WHEN ? != '{}' THEN ? ELSE rebuilt END WHERE id=?",
+                    (json.dumps(sorted(set(shards))), n, n, why, why, rid),
                 )
 
     def mark_applied(self, ids: Sequence[int], dagster_runs: Sequence[str], mlflow_runs: Sequence[str]) -> None:

@@ -208,20 +208,26 @@ def partition(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> Partition:
     return Partition(part.method, part.n_shards, part.assignment, diag)
 
 
+def _read_assignment(run: RunDir) -> tuple[np.ndarray, str | None]:
+    """The stored assignment and the fingerprint of the training matrix it belongs to (None in old files)."""
+    with read_npz(run.assignment) as z:
+        return z["assignment"], str(z["train_fingerprint"]) if "train_fingerprint" in z else None
+
+
+def _belongs(assignment: np.ndarray, fingerprint: str | None, train: sp.csr_matrix) -> bool:
+    return len(assignment) == train.nnz if fingerprint is None else fingerprint == csr_fingerprint(train)
+
+
 def assignment_matches(run: RunDir, train: sp.csr_matrix) -> bool:
     """True when the stored shard assignment belongs to ``train`` (its recorded fingerprint, else its length)."""
-    with read_npz(run.assignment) as z:
-        if "train_fingerprint" not in z:
-            return len(z["assignment"]) == train.nnz
-        return str(z["train_fingerprint"]) == csr_fingerprint(train)
+    return _belongs(*_read_assignment(run), train)
 
 
 def load_partition(run: RunDir, inter: Interactions | None = None) -> Partition:
     """The stored partition, checked against the stored (or given) interactions."""
-    with read_npz(run.assignment) as z:
-        assignment = z["assignment"]
+    assignment, fingerprint = _read_assignment(run)
     train = (inter if inter is not None else load_interactions(run.interactions)).train
-    if not assignment_matches(run, train):
+    if not _belongs(assignment, fingerprint, train):
         raise DataError(
             f"{run.assignment}: belongs to another training matrix (an interrupted redaction); "
             "run `receraser unlearn` to finish it"
@@ -230,9 +236,9 @@ def load_partition(run: RunDir, inter: Interactions | None = None) -> Partition:
     return Partition(diag["method"], diag["n_shards"], assignment, diag)
 
 
-def shard_train_matrix(run: RunDir, k: int) -> sp.csr_matrix:
+def shard_train_matrix(run: RunDir, k: int, inter: Interactions | None = None) -> sp.csr_matrix:
     """Shard k's training interactions (full id space). Only these reach the shard's model."""
-    inter = load_interactions(run.interactions)
+    inter = inter if inter is not None else load_interactions(run.interactions)
     return load_partition(run, inter).shard_matrix(inter.train, k)
 
 
@@ -252,16 +258,13 @@ def _shard_valid(inter: Interactions, cfg: PipelineConfig, shard: sp.csr_matrix)
     return shard_validation(inter.valid, shard) if cfg.shard_valid == "local" else inter.valid
 
 
-def shard_valid_matrix(run: RunDir, cfg: PipelineConfig, shard: sp.csr_matrix) -> sp.csr_matrix:
-    """The validation pairs shard ``shard``'s model early-stops on (all of validation with ``shard_valid=global``)."""
-    return _shard_valid(load_interactions(run.interactions), cfg, shard)
-
-
-def write_shard_data(run: RunDir, k: int) -> sp.csr_matrix:
-    """Store shard k's current training interactions as ``shards/<k>/data.npz``; returns the matrix."""
-    m = shard_train_matrix(run, k)
+def write_shard_data(run: RunDir, cfg: PipelineConfig, k: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Store shard k's current training interactions as ``shards/<k>/data.npz``; returns them and the validation
+    pairs its model early-stops on (all of validation with ``shard_valid=global``)."""
+    inter = load_interactions(run.interactions)
+    m = shard_train_matrix(run, k, inter)
     _atomic(run.shard_data(k), lambda p: _save_npz(p, indptr=m.indptr, indices=m.indices, shape=np.array(m.shape)))
-    return m
+    return m, _shard_valid(inter, cfg, m)
 
 
 def load_shard_data(run: RunDir, k: int) -> sp.csr_matrix:
@@ -378,7 +381,9 @@ def aggregate(
     inter = load_interactions(run.interactions)
     with training_threads():  # the aligned start (an SVD per shard) included
         stack = shard_stack(run, cfg, inter, load_partition(run))
+        t0 = time.perf_counter()
         agg = AGGREGATORS[cfg.aggregator](stack, cfg.agg_config())
+        init_seconds = time.perf_counter() - t0  # its data-dependent start (attention: the Procrustes alignment)
         fit = agg.fit(inter.train, inter.valid, callback=callback)
     state = {
         "aggregator": cfg.aggregator,
@@ -388,6 +393,7 @@ def aggregate(
             "best_epoch": fit.best_epoch,
             "best_valid_recall@10": fit.best_valid_recall,
             "seconds": fit.seconds,
+            "init_seconds": init_seconds,
             "torch_threads": TRAIN_THREADS,
             "history": fit.history,
         },

@@ -72,6 +72,7 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri
         self.artifact_root = Path(artifact_root)
         self._client: Any = None
+        self._experiments: dict[str, str] = {}  # name -> id, looked up once per process
 
     @classmethod
     def in_state_dir(cls, state_dir: Path) -> MlflowTracker:
@@ -90,6 +91,11 @@ class MlflowTracker:
         self._experiment(experiment)
 
     def _experiment(self, name: str) -> str:
+        if name not in self._experiments:
+            self._experiments[name] = self._find_or_create(name)
+        return self._experiments[name]
+
+    def _find_or_create(self, name: str) -> str:
         client = self.client()
         exp = client.get_experiment_by_name(name)
         if exp is not None:
@@ -111,7 +117,11 @@ class MlflowTracker:
         from mlflow.entities import Metric, Param, RunTag
 
         client = self.client()
-        run = client.create_run(self._experiment(experiment), run_name=name, tags=tags)
+        try:
+            run = client.create_run(self._experiment(experiment), run_name=name, tags=tags)
+        except Exception:  # noqa: BLE001 - the cached experiment may have been deleted since: look it up again
+            self._experiments.pop(experiment, None)
+            run = client.create_run(self._experiment(experiment), run_name=name, tags=tags)
         run_id = run.info.run_id
         now = int(time.time() * 1000)
         batch = [Metric(_name(k), float(v), now, 0) for k, v in metrics.items()]

@@ -22,11 +22,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _inner_seconds(run: Any, shards: list[int]) -> dict[str, float]:
-    """Compute time inside the steps (shard fits, aggregator fit, evaluation) of the last apply."""
+    """Compute time inside the steps (shard fits, the aggregator's start and fit, evaluation) of the last apply."""
     from pipelines.steps import read_json
 
     shard = sum(float(read_json(run.shard_fit(k))["seconds"]) for k in shards)
-    agg = float(load_state(run.aggregator, "aggregator file")["fit"]["seconds"])
+    fit = load_state(run.aggregator, "aggregator file")["fit"]
+    agg = float(fit["seconds"]) + float(fit.get("init_seconds", 0.0))  # its start is part of training it
     ev = float(read_json(run.evaluation)["seconds"])
     return {"shard_training": shard, "aggregator_training": agg, "evaluation": ev}
 

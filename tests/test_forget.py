@@ -173,13 +173,17 @@ def test_forgetting_is_exact(tmp_path: Path, model: str, monkeypatch: pytest.Mon
         # the erasure report names the request, its shard, the runs that rebuilt it and what changed
         rep = erasure_report(instance, ledger, 1)
         assert rep["status"] == "applied" and rep["records_removed"] == 1 and rep["shards_retrained"] == [1]
+        assert rep["rebuilt_and_why"]["shard 1"] == "held its training record" and len(rep["rebuilt_and_why"]) == 3
         assert rep["statement"].startswith("The serving model now equals a model trained from scratch")
         rebuilt = {m["asset"]: m for run_ in rep["dagster_runs"] for m in run_["rebuilt"]}
         assert {"shard_data[1]", "shard_model[1]", "aggregator"} <= set(rebuilt)
         assert rebuilt["shard_data[1]"]["data_version_before"] != rebuilt["shard_data[1]"]["data_version_after"]
         assert not any(f"shard_{a}[{k}]" in rebuilt for a in ("data", "model") for k in range(K) if k != 1)
         assert len(rep["dagster_runs"]) == 1  # one run: shard 1's data and model, the aggregator (evaluation after)
-        assert "Deletion request #1" in format_report(rep) and "shard_model[1]" in format_report(rep)
+        text = format_report(rep)
+        assert (
+            "Deletion request #1" in text and "shard_model[1]" in text and "shard 1: held its training record" in text
+        )
         # no trace of the request in the model files
         for path in [run.aggregator, run.serving, *(run.shard_model(k) for k in range(K)), run.shard_fit(1)]:
             assert b"zz-reason-7f3a" not in path.read_bytes() and b"receraser/deletions" not in path.read_bytes()
@@ -587,6 +591,16 @@ def test_validation_and_test_records_are_forgotten_and_their_shards_rebuilt(tmp_
             [r.status for r in rows] == ["applied", "applied"] and rows[0].shards == expected and rows[1].shards == []
         )
         assert [r.records for r in rows] == [1, 1]
+        # what each request made rebuild, and why (the erasure report prints it)
+        assert rows[0].rebuilt == {
+            **{f"shard {k}": "early-stopped on its validation record(s)" for k in expected},
+            "aggregator": "trains on all remaining training data and selects on validation without it: retrained "
+            "from its seeded start",
+            "evaluation": "rerun on the new model and the remaining test data",
+        }
+        assert rows[1].rebuilt == {
+            "evaluation": "1 test record(s) removed; rerun on the new model and the remaining test data"
+        }
         inter = load_interactions(run.interactions)
         assert inter.valid[u, i] == 0 and inter.valid.nnz == inter0.valid.nnz - 1
         assert inter.test[tu, ti] == 0 and inter.test.nnz == inter0.test.nnz - 1
