@@ -64,7 +64,14 @@ def erasure_report(instance: DagsterInstance, ledger: Ledger, request_id: int) -
         )
     return {
         "request": r.id,
-        "asked": {"kind": r.kind, "user": r.user_id, "item": r.item_id or "*", "reason": r.reason},
+        "asked": {
+            "kind": r.kind,
+            "user": None if r.erased else r.user_id,
+            "item": None if r.erased else r.item_id or "*",
+            "keyed_hash": r.subject,
+            "ids_erased": r.erased,
+            "reason": r.reason,
+        },
         "received_at": r.received_at,
         "status": r.status,
         "applied_at": r.applied_at or None,
@@ -80,11 +87,13 @@ def erasure_report(instance: DagsterInstance, ledger: Ledger, request_id: int) -
 
 def format_report(rep: dict[str, Any]) -> str:
     asked = rep["asked"]
-    what = (
-        f"every training record of user {asked['user']}"
-        if asked["item"] == "*"
-        else (f"the record (user {asked['user']}, item {asked['item']})")
-    )
+    if asked["ids_erased"]:
+        whose = "every record of a user" if asked["kind"] == "user" else "one record"
+        what = f"{whose} (ids erased once applied; keyed hash {asked['keyed_hash'][:16]}...)"
+    elif asked["item"] == "*":
+        what = f"every record of user {asked['user']}"
+    else:
+        what = f"the record (user {asked['user']}, item {asked['item']})"
     lines = [
         f"Deletion request #{rep['request']}",
         f"  asked          : forget {what}" + (f" (reason: {asked['reason']})" if asked["reason"] else ""),

@@ -224,7 +224,8 @@ def redact(run: RunDir, requests: Sequence[Request]) -> tuple[Interactions, int]
     positions = _all_positions(_positions(inter, requests))
     valid, test = (_without_requests(getattr(inter, s), inter, requests) for s in ("valid", "test"))
     held_out = inter.valid.nnz - valid.nnz + inter.test.nnz - test.nnz
-    if len(positions) == 0 and held_out == 0:
+    user_ids = _tombstoned(inter, requests)
+    if len(positions) == 0 and held_out == 0 and user_ids is inter.user_ids:
         return inter, 0
     train = _without(inter.train, positions) if len(positions) else inter.train
     if len(positions):
@@ -234,7 +235,7 @@ def redact(run: RunDir, requests: Sequence[Request]) -> tuple[Interactions, int]
         diag = read_json(run.diagnostics)  # the sizes follow the data; how the partition was made stays
         write_json(run.diagnostics, {**diag, **shard_counts(new_assignment, train, int(diag["n_shards"]))})
     fault_point(run, "redact")
-    redacted = replace(inter, train=train, valid=valid, test=test)
+    redacted = replace(inter, train=train, valid=valid, test=test, user_ids=user_ids)
     save_interactions(run.interactions, redacted)
     return redacted, len(positions) + held_out
 
@@ -253,7 +254,8 @@ def finish_interrupted_redaction(run: RunDir, requests: Sequence[Request]) -> bo
             "requests' records does not reconcile them; rebuild with `receraser run --rebuild`"
         )
     valid, test = (_without_requests(getattr(inter, s), inter, requests) for s in ("valid", "test"))
-    save_interactions(run.interactions, replace(inter, train=train, valid=valid, test=test))
+    user_ids = _tombstoned(inter, requests)
+    save_interactions(run.interactions, replace(inter, train=train, valid=valid, test=test, user_ids=user_ids))
     return True
 
 
@@ -277,13 +279,52 @@ def shard_deletion_versions(ledger: Ledger, n_shards: int) -> dict[str, str]:
     }
 
 
+def tombstone(subject: str) -> str:
+    """What an erased user's id becomes in the id map: the user keeps an index (models stay aligned) but the
+    store no longer holds the id."""
+    return f"erased:{subject[:32]}"
+
+
+def _with_ids(user_ids: np.ndarray, replacements: dict[int, str]) -> np.ndarray:
+    if not replacements:
+        return user_ids
+    ids = user_ids.astype(str).astype(object)
+    for u, text in replacements.items():
+        ids[u] = text
+    return np.array(ids.tolist())  # a string array as wide as its longest id
+
+
+def _tombstoned(inter: Interactions, requests: Sequence[Request]) -> np.ndarray:
+    """The id map with every user erased by a whole-user request replaced by its tombstone (the same array
+    when there is none)."""
+    found = [(r.subject, _indices(inter, r)) for r in requests if r.kind == "user"]
+    return _with_ids(inter.user_ids, {ids[0]: tombstone(subject) for subject, ids in found if ids is not None})
+
+
 def reapply_ledger(run: RunDir, ledger: Ledger) -> Interactions:
-    """Remove from a freshly prepared interactions store every record of applied (or applying) requests."""
+    """Remove from a freshly prepared interactions store every record of applied (or applying) requests, in
+    every split, and tombstone erased users. Matched by keyed hash: the ledger no longer holds applied ids."""
     inter = load_interactions(run.interactions)
-    done = ledger.get(statuses=["applied", "applying"])
-    positions = _all_positions(_positions(inter, done))
-    if len(positions) == 0:
+    subjects = {r.subject for r in ledger.get(statuses=["applied", "applying"])}
+    if not subjects:
         return inter
-    redacted = inter.with_train(_without(inter.train, positions))
+    users, items = inter.user_ids.astype(str), inter.item_ids.astype(str)
+    gone = np.array([ledger.subject("user", u) in subjects for u in users], dtype=bool)
+
+    def remaining(m: sp.csr_matrix) -> sp.csr_matrix:
+        rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+        pairs = zip(users[rows], items[m.indices], strict=True)
+        hits = (ledger.subject("interaction", u, i) in subjects for u, i in pairs)
+        hit = gone[rows] | np.fromiter(hits, dtype=bool, count=m.nnz)
+        return _without(m, np.flatnonzero(hit)) if hit.any() else m
+
+    erased = {int(u): tombstone(ledger.subject("user", users[u])) for u in np.flatnonzero(gone)}
+    redacted = replace(
+        inter,
+        train=remaining(inter.train),
+        valid=remaining(inter.valid),
+        test=remaining(inter.test),
+        user_ids=_with_ids(inter.user_ids, erased),
+    )
     save_interactions(run.interactions, redacted)
     return redacted

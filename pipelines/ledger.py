@@ -3,12 +3,18 @@
 SQLite in WAL mode; every change is one transaction. A request moves ``pending -> applying -> applied``, or
 to ``failed`` with the error (a failed request is retried by the next `unlearn`). Nothing is ever deleted
 from the ledger, and a repeated request is recognised by its (kind, user, item) and not duplicated.
+
+Once a request is applied its ids are erased from the ledger: only their keyed hash (``subject``, BLAKE2b with
+the key in ``ledger.key`` or ``$RECERASER_LEDGER_KEY``) stays, which still recognises a repeat of the request
+and the records to remove again if the data is ever rebuilt from its source.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import socket
 import sqlite3
 import threading
@@ -52,7 +58,9 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 """
 #: Columns added after the first release, with their definitions: an older ledger gets them on open.
-ADDED_COLUMNS = {"rebuilt": "TEXT NOT NULL DEFAULT '{}'"}
+ADDED_COLUMNS = {"rebuilt": "TEXT NOT NULL DEFAULT '{}'", "subject": "TEXT NOT NULL DEFAULT ''"}
+#: What an applied request's ids become in the ledger: its keyed hash (`Ledger.subject`).
+ERASED = "hmac:"
 
 
 class ApplierBusy(DataError):
@@ -102,6 +110,12 @@ class Request:
     error: str
     applied_at: str
     rebuilt: dict[str, str]  # what the request made rebuild, and why ("shard 3": "held 1 training record")
+    subject: str  # keyed hash of (kind, user, item): all that is left of the ids once the request is applied
+
+    @property
+    def erased(self) -> bool:
+        """True once the ledger no longer holds the request's ids (only their keyed hash)."""
+        return self.user_id.startswith(ERASED)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Request:
@@ -135,11 +149,74 @@ class Ledger:
             for name, definition in ADDED_COLUMNS.items():
                 if name not in present:
                     con.execute(f"ALTER TABLE requests ADD COLUMN {name} {definition}")
+            # rows hashed with a key (a ledger from before keyed hashes has none, and gets a new key)
+            hashed = con.execute("SELECT 1 FROM requests WHERE subject != '' LIMIT 1").fetchone() is not None
+        self._key = self._load_key(hashed)
+        self._migrate()
+
+    def _load_key(self, hashed: bool) -> bytes:
+        """The key of the ledger's keyed hashes: ``$RECERASER_LEDGER_KEY``, else ``ledger.key`` beside the ledger
+        (created, mode 0600, with a new ledger). Losing it would lose the ability to recognise erased records,
+        so a ledger with requests and no key is an error, never a new key."""
+        env = os.environ.get("RECERASER_LEDGER_KEY")
+        if env:
+            return env.encode()
+        path = self.path.with_name("ledger.key")
+        if not path.exists():
+            if hashed:
+                raise DataError(
+                    f"{path} is missing: the ledger's key (it recognises erased requests and records); restore it "
+                    "from a backup or set RECERASER_LEDGER_KEY; nothing was changed"
+                )
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process created it first
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_hex(32))
+        return path.read_text().strip().encode()
+
+    def subject(self, kind: str, user_id: str, item_id: str = "") -> str:
+        """Keyed hash of a request's (kind, user, item): recognises a repeat and the records of an applied
+        request without keeping its ids (BLAKE2b with the ledger's key)."""
+        data = "\x1f".join((kind, str(user_id), str(item_id))).encode()
+        return hashlib.blake2b(data, key=self._key[:64], digest_size=32).hexdigest()
+
+    def _migrate(self) -> None:
+        """Give rows from before keyed hashes their subject, and erase the ids of applied ones."""
+        with self._transaction() as con:
+            rows = con.execute("SELECT id, kind, user_id, item_id FROM requests WHERE subject=''").fetchall()
+            for row in rows:
+                subject = self.subject(row["kind"], row["user_id"], row["item_id"])
+                con.execute("UPDATE requests SET subject=? WHERE id=?", (subject, row["id"]))
+            scrub = con.execute(f"SELECT 1 FROM requests WHERE status='applied' AND user_id NOT LIKE '{ERASED}%'")
+            needs_scrub = scrub.fetchone() is not None
+        if needs_scrub:
+            self._erase_ids([r.id for r in self.get(statuses=["applied"]) if not r.erased])
+
+    def _erase_ids(self, ids: Sequence[int]) -> None:
+        """Replace the ids of applied requests by their keyed hash, overwrite the freed bytes and fold the
+        write-ahead log into the database, so the file no longer holds them."""
+        with self._transaction() as con:
+            for rid in ids:
+                con.execute("UPDATE requests SET user_id=? || subject, item_id='', error='' WHERE id=?", (ERASED, rid))
+        with self._connect() as con:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def find(self, req: NewRequest) -> Request | None:
+        """The recorded request with the same kind and ids (by keyed hash, so applied ones are found too)."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT * FROM requests WHERE subject=?", (self.subject(req.kind, req.user_id, req.item_id),)
+            ).fetchone()
+        return Request.from_row(row) if row is not None else None
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         con.row_factory = sqlite3.Row
+        con.execute("PRAGMA secure_delete=ON")  # bytes an update frees are zeroed, not left in the file
         try:
             yield con
         except sqlite3.DatabaseError as exc:
@@ -229,18 +306,25 @@ class Ledger:
             for n, req in enumerate(requests):
                 if req.kind not in ("interaction", "user"):
                     raise ValueError(f"unknown request kind {req.kind!r}")
-                row = con.execute(
-                    "SELECT id, status FROM requests WHERE kind=? AND user_id=? AND item_id=?",
-                    (req.kind, req.user_id, req.item_id),
-                ).fetchone()
+                subject = self.subject(req.kind, req.user_id, req.item_id)
+                row = con.execute("SELECT id, status FROM requests WHERE subject=?", (subject,)).fetchone()
                 if row is not None:
                     if row["status"] == "failed":
                         con.execute("UPDATE requests SET status='pending', error='' WHERE id=?", (row["id"],))
                     out.append((int(row["id"]), False))
                     continue
                 cur = con.execute(
-                    "INSERT INTO requests (kind, user_id, item_id, reason, received_at, records) VALUES (?,?,?,?,?,?)",
-                    (req.kind, req.user_id, req.item_id, req.reason, _now(), int(records[n]) if records else 0),
+                    "INSERT INTO requests (kind, user_id, item_id, reason, received_at, records, subject) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    (
+                        req.kind,
+                        req.user_id,
+                        req.item_id,
+                        req.reason,
+                        _now(),
+                        int(records[n]) if records else 0,
+                        subject,
+                    ),
                 )
                 out.append((int(cur.lastrowid or 0), True))
         return out
@@ -292,6 +376,7 @@ class Ledger:
                     "error='' WHERE id=?",
                     (json.dumps(list(dagster_runs)), json.dumps(list(mlflow_runs)), _now(), rid),
                 )
+        self._erase_ids(ids)  # applied: the ledger keeps no copy of what was forgotten
 
     def mark_failed(self, ids: Sequence[int], error: str) -> None:
         with self._transaction() as con:

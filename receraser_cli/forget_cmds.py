@@ -46,10 +46,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
         requests = [NewRequest(kind, str(args.user), "" if args.all else str(args.item), args.reason or "")]
     inter = load_interactions(run.interactions)
     ledger = ledger_for(rec)
-    known = {(r.kind, r.user_id, r.item_id): r for r in ledger.get()}
     records = []
     for n, req in enumerate(requests, start=1):  # validate everything before writing anything
-        prior = known.get((req.kind, req.user_id, req.item_id))
+        prior = ledger.find(req)
         if prior is not None and prior.status in ("applied", "applying"):
             records.append(prior.records)
             continue
@@ -111,10 +110,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'id':>4} {'status':8} {'kind':11} {'user':>8} {'item':>8} {'records':>7} {'shards':10} applied_at / error")
     for r in rows:
         tail = r.applied_at if r.status == "applied" else r.error
+        user, item = ("(erased)", "") if r.erased else (r.user_id, r.item_id or "*")
         print(
-            f"{r.id:>4} {r.status:8} {r.kind:11} {r.user_id:>8} {r.item_id or '*':>8} {r.records:>7} "
+            f"{r.id:>4} {r.status:8} {r.kind:11} {user:>8} {item:>8} {r.records:>7} "
             f"{','.join(map(str, r.shards)) or '-':10} {tail}"
         )
+    if any(r.erased for r in rows):
+        print("(erased): applied; the ledger keeps only a keyed hash of the ids (a repeat is still recognised)")
     if model:
         print(
             f"serving model: trained on {model['training_records']:,} records; excludes applied request(s) "

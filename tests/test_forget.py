@@ -38,7 +38,7 @@ from pipelines.steps import (
 )
 from pipelines.tracking import MemoryTracker
 from receraser_core.aggregate import AGGREGATORS
-from receraser_core.data.interactions import pairs_to_csr
+from receraser_core.data.interactions import DataError, pairs_to_csr
 from receraser_core.data.readers import PROJECT_ROOT
 from receraser_core.models import build_model, load_model
 from receraser_core.state_file import load_state
@@ -284,8 +284,8 @@ def test_cli_forget_kill_and_fail_then_recover(tmp_path: Path) -> None:
     rows = json.loads(_cli(["status", "--json"], env).stdout)["requests"]
     assert rows[0]["status"] == "applied" and rows[0]["records"] > 0 and rows[0]["dagster_runs"]
     assert run.serving.read_bytes() != serving_before
-    rec_out = _cli(["recommend", "--user", "u3", "-n", "3"], env)
-    assert rec_out.returncode == 0 and "0 training items masked" in rec_out.stdout
+    rec_out = _cli(["recommend", "--user", "u3", "-n", "3"], env)  # an erased user's id is gone from the store
+    assert rec_out.returncode == 2 and "unknown user id 'u3'" in rec_out.stderr
     # -n beyond what is left to rank lists only rankable items; -n below 1 is refused in one line
     many = _cli(["recommend", "--user", "u0", "-n", "1000000000"], env)
     masked = int(many.stdout.split("(")[1].split()[0])
@@ -512,6 +512,7 @@ def test_killed_at_three_points_the_next_command_finishes_the_request(tmp_path: 
 
     for n, (point, recover) in enumerate((("redact", "unlearn"), ("shard", "run"), ("aggregator", "unlearn"))):
         user = f"u{10 * n + 1}"
+        u = load_interactions(run.interactions).user_index(user)
         assert _cli(["forget", "--user", user, "--all"], env).returncode == 0
         proc = subprocess.Popen(
             [sys.executable, "-m", "receraser_cli.main", "unlearn"],
@@ -535,8 +536,7 @@ def test_killed_at_three_points_the_next_command_finishes_the_request(tmp_path: 
         rows = json.loads(_cli(["status", "--json"], env).stdout)["requests"]
         assert [r["status"] for r in rows] == ["applied"] * (n + 1), point
         inter = load_interactions(run.interactions)
-        u = inter.user_index(user)
-        assert inter.train[u].nnz == 0, point
+        assert inter.train[u].nnz == 0 and str(inter.user_ids[u]).startswith("erased:"), point  # id gone too
         instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
         stuck = [r for r in instance.get_runs() if r.status in (DagsterRunStatus.STARTED, DagsterRunStatus.STARTING)]
         assert stuck == [], point
@@ -549,7 +549,8 @@ def test_killed_at_three_points_the_next_command_finishes_the_request(tmp_path: 
     assert report.returncode == 0 and "Deletion request #3" in report.stdout and "shard_model[" in report.stdout
     assert "The serving model now equals a model trained from scratch" in report.stdout
     as_json = json.loads(_cli(["status", "--request", "3", "--json"], env).stdout)
-    assert as_json["status"] == "applied" and as_json["records_removed"] > 0 and as_json["asked"]["item"] == "*"
+    assert as_json["status"] == "applied" and as_json["records_removed"] > 0 and as_json["asked"]["kind"] == "user"
+    assert as_json["asked"]["ids_erased"] and as_json["asked"]["user"] is None  # only the keyed hash is left
     missing = _cli(["status", "--request", "99"], env)
     assert missing.returncode == 2 and "no request #99" in missing.stderr
 
@@ -619,3 +620,90 @@ def test_validation_and_test_records_are_forgotten_and_their_shards_rebuilt(tmp_
         unlearn_pending(instance, rec, tracker, log=lambda _: None)
         inter = load_interactions(run.interactions)
         assert inter.train[u].nnz == inter.valid[u].nnz == inter.test[u].nnz == 0
+
+
+ERASED_USER, OTHER_ITEM = "zz-subject-5f1e", "zz-item-9c2b"
+
+
+def _holds(path: Path, needle: str) -> bool:
+    """Whether a file holds the text in any common encoding, looking inside zip archives (npz, torch files) too."""
+    import zipfile
+
+    forms = [needle.encode(enc) for enc in ("utf-8", "utf-16-le", "utf-32-le")]
+    blobs = [path.read_bytes()]
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            blobs += [z.read(name) for name in z.namelist()]
+    return any(form in blob for form in forms for blob in blobs)
+
+
+def test_no_copy_left_behind_in_any_store(tmp_path: Path) -> None:
+    """After a user's erasure and a record's deletion are applied, no file under the state directory (data,
+    shards, models, serving snapshot, ledger, Dagster's storage, MLflow's) holds the user's id or the record's
+    ids in the ledger; a rebuild from the source, which still has them, removes them again by keyed hash."""
+    env = _env(tmp_path)
+    csv = tmp_path / "blocks.csv"
+    text = csv.read_text().replace("\nu7,", f"\n{ERASED_USER},").replace(",1003\n", f",{OTHER_ITEM}\n")
+    csv.write_text(text)
+    other = next(line.split(",")[0] for line in text.splitlines() if line.endswith(OTHER_ITEM))
+    assert _cli(["run"], env).returncode == 0
+    state = Path(env["RECERASER_HOME"])
+    assert any(_holds(p, ERASED_USER) for p in state.rglob("*") if p.is_file())  # the search finds it before
+    forget = _cli(["forget", "--user", ERASED_USER, "--all", "--reason", "gdpr art. 17"], env)
+    assert forget.returncode == 0, forget.stderr
+    assert _cli(["forget", "--user", other, "--item", OTHER_ITEM], env).returncode == 0
+    applied = _cli(["unlearn"], env)
+    assert applied.returncode == 0, applied.stderr
+    holders = [str(p) for p in state.rglob("*") if p.is_file() and _holds(p, ERASED_USER)]
+    assert holders == []
+    (ledger,) = state.rglob("ledger.sqlite")
+    assert not _holds(ledger, OTHER_ITEM) and not _holds(ledger, other)
+    # the erased user is unknown now; repeating either request is recognised, not re-applied
+    assert "unknown user" in _cli(["recommend", "--user", ERASED_USER], env).stderr
+    again = _cli(["forget", "--user", ERASED_USER, "--all"], env)
+    assert again.returncode == 0 and "already recorded (applied)" in again.stdout, again.stderr
+    status = _cli(["status"], env).stdout
+    assert "(erased)" in status and ERASED_USER not in status
+    report = _cli(["status", "--request", "1"], env).stdout
+    assert "ids erased once applied" in report and "gdpr art. 17" in report
+    # the store lost and rebuilt from the source (which still holds the user): removed again, by keyed hash
+    (interactions,) = state.rglob("interactions.npz")
+    before = load_interactions(interactions)
+    interactions.unlink()
+    assert _cli(["run"], env).returncode == 0
+    rebuilt = load_interactions(interactions)
+    assert not _holds(interactions, ERASED_USER)
+    for split in ("train", "valid", "test"):
+        assert (getattr(rebuilt, split) != getattr(before, split)).nnz == 0, split
+    assert list(rebuilt.user_ids) == list(before.user_ids)
+
+
+def test_an_older_ledger_is_upgraded_and_a_lost_key_is_one_line(tmp_path: Path) -> None:
+    """A ledger from before keyed hashes gets them (and a key) on open, and its applied requests' ids are
+    erased; once hashed, opening it without its key refuses in one line instead of making a new key."""
+    import sqlite3
+
+    path = tmp_path / "ledger.sqlite"
+    with sqlite3.connect(path) as con:  # the first release's table
+        con.execute(
+            "CREATE TABLE requests (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, user_id TEXT NOT NULL, "
+            "item_id TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '', received_at TEXT NOT NULL, "
+            "status TEXT NOT NULL DEFAULT 'pending', records INTEGER NOT NULL DEFAULT 0, shards TEXT NOT NULL "
+            "DEFAULT '[]', dagster_runs TEXT NOT NULL DEFAULT '[]', mlflow_runs TEXT NOT NULL DEFAULT '[]', error TEXT "
+            "NOT NULL DEFAULT '', applied_at TEXT NOT NULL DEFAULT '', UNIQUE (kind, user_id, item_id))"
+        )
+        con.execute(
+            "INSERT INTO requests (kind, user_id, received_at, status) VALUES ('user', 'zz-old-77', 'x', 'applied')"
+        )
+        con.execute("INSERT INTO requests (kind, user_id, item_id, received_at) VALUES ('interaction', 'u2', '5', 'x')")
+    ledger = Ledger(path)
+    old, pending = ledger.get()
+    assert old.erased and old.subject == ledger.subject("user", "zz-old-77") and not _holds(path, "zz-old-77")
+    assert (
+        not pending.erased and pending.user_id == "u2" and pending.subject == ledger.subject("interaction", "u2", "5")
+    )
+    assert ledger.find(NewRequest("user", "zz-old-77")) == old  # a repeat is still recognised
+    (tmp_path / "ledger.key").unlink()
+    with pytest.raises(DataError, match="ledger.key is missing") as err:
+        Ledger(path)
+    assert "\n" not in str(err.value)
