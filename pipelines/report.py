@@ -191,9 +191,64 @@ def build_report(results: Path, out: Path) -> Path:
             "",
             "![Cost of one deletion vs Retrain](fig_deletion_cost.png)",
         ]
+    lines += _audit_section(results, out, plt)
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _audit_section(results: Path, out: Path, plt: Any) -> list[str]:
+    """`bench audit` records: the deleted records before / after unlearning / in Retrains, and a figure."""
+    audits = [json.loads(p.read_text()) for p in sorted(results.glob("audit-*.json"))]
+    if not audits:
+        return []
+    lines = [
+        "",
+        "## Audit: deleted records before and after unlearning, and in a Retrain",
+        "",
+        "`receraser bench audit`: random training records deleted in one batch; each record's rank for its user "
+        "(other training items masked) in the serving model before unlearning, after it, and in Retrains on the "
+        "remaining data. Membership inference: AUC of telling the deleted records from as many never-seen test "
+        "records by rank (0.5 = no better than chance), 95% bootstrap intervals over the records.",
+        "",
+        "| base model | records (draw seed) | model | median rank | top-20 share | membership AUC (95% CI) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    verdicts = [""]
+    for a in audits:
+        for name, m in a["models"].items():
+            lo, hi = m["mia_auc_ci95"]
+            lines.append(
+                f"| {a['model']} | {a['requests']} ({a['sample_seed']}) | {name} | {m['deleted']['median_rank']:.0f} "
+                f"| {m['deleted']['top20_share']:.3f} | {m['mia_auc']:.3f} ({lo:.3f}–{hi:.3f}) |"
+            )
+        lo, hi = a["auc_after_minus_retrain_ci95"]
+        verdict = "indistinguishable" if a["indistinguishable_from_retrain"] else "distinguishable"
+        verdicts.append(
+            f"- {a['model']}, draw seed {a['sample_seed']}: AUC after − Retrain (seed {a['retrain_seeds'][0]}), "
+            f"paired 95% CI {lo:+.3f} to {hi:+.3f}: {verdict} from Retrain."
+        )
+        if a.get("auc_after_minus_full_rebuild_ci95"):
+            lo, hi = a["auc_after_minus_full_rebuild_ci95"]
+            verdicts[-1] += f" After − RecEraser rebuilt from scratch (partition recomputed): {lo:+.3f} to {hi:+.3f}."
+    lines += verdicts
+    a = max(audits, key=lambda r: len(r["models"]))  # the one with the most references
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    shown = ("before", "after", f"retrain seed {a['retrain_seeds'][0]}", "full rebuild")
+    curves = {name: a["ranks_deleted"][name] for name in shown if name in a["ranks_deleted"]}
+    curves["never-seen (after)"] = a["ranks_unseen"]["after"]
+    for name, ranks in curves.items():
+        xs = sorted(ranks)
+        ax.plot(xs, [(n + 1) / len(xs) for n in range(len(xs))], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("rank of the record for its user (log)")
+    ax.set_ylabel("share of records at or above")
+    ax.set_title(f"{a['model']}, {a['requests']} deleted records ({a['dataset']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fig_audit_ranks.png", dpi=120)
+    plt.close(fig)
+    return lines + ["", "![Ranks of deleted records](fig_audit_ranks.png)"]
 
 
 COST_PARTS = (  # (breakdown key, label) in stacking order
