@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from receraser_core.data.interactions import DataError
 from receraser_core.models.base import ConfigError
@@ -58,6 +61,32 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from receraser_core.data.synth import SynthConfig, synthesize
+
+    cfg = SynthConfig(args.interactions, args.seed, args.users, args.items)
+    try:
+        cfg.check()
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    out = args.out or Path("state") / "data" / f"synth-{args.interactions}-s{args.seed}.parquet"
+    t0 = time.perf_counter()
+    print(f"drawing {cfg.interactions:,} interactions for {cfg.users:,} users and {cfg.items:,} items ...", flush=True)
+    users, items = synthesize(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    pd.DataFrame({"user": users, "item": items}).to_parquet(tmp, index=False)
+    tmp.replace(out)
+    per_user = np.bincount(users, minlength=cfg.users)
+    print(
+        f"wrote {out} in {time.perf_counter() - t0:.1f} s: {len(users):,} interactions, records per user "
+        f"median {int(np.median(per_user))} / max {per_user.max():,}; use it as --dataset parquet:{out}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="receraser",
@@ -91,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", choices=["ml-1m", "yelp2018"])
     fetch.add_argument("--data-dir", type=Path, default=None, help="where to write (default: the data directory)")
     fetch.set_defaults(func=cmd_data_fetch)
+
+    synth = data_sub.add_parser(
+        "synth",
+        help="write a seeded synthetic table with MovieLens-10M's shape (for measuring growth with data size)",
+        description="Log-normal user activity, Zipf item popularity and latent-factor taste (so models learn "
+        "something), MovieLens-10M's 69,878 users and 10,677 items unless --users / --items. The same arguments "
+        "write the same table, a Parquet file the parquet: reader takes.",
+    )
+    synth.add_argument("--interactions", type=int, required=True, help="number of (user, item) pairs")
+    synth.add_argument("--seed", type=int, default=0, help="seed of everything drawn (default 0)")
+    synth.add_argument("--users", type=int, default=69_878, help="number of users (default 69,878)")
+    synth.add_argument("--items", type=int, default=10_677, help="number of items (default 10,677)")
+    synth.add_argument("--out", type=Path, default=None, help="default state/data/synth-N-sS.parquet")
+    synth.set_defaults(func=cmd_data_synth)
 
     from receraser_cli.dagster_jobs import add_dagster_parsers
 
