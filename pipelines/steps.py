@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 import zipfile
@@ -143,6 +144,7 @@ def training_threads() -> Iterator[None]:
 # -- steps --------------------------------------------------------------------------------------------
 def prepare(run: RunDir, cfg: PipelineConfig, data_dir: Path | None = None, log: Log = _quiet) -> Interactions:
     """Load the dataset, split it, store it as ``interactions.npz``."""
+    PROGRESS.info(f"reading and splitting {cfg.dataset} ...")
     inter = load_dataset(cfg.dataset, data_dir, cfg.split_seed)
     check_shards(cfg, inter)
     save_interactions(run.interactions, inter)
@@ -161,12 +163,34 @@ def check_shards(cfg: PipelineConfig, inter: Interactions) -> None:
         )
 
 
+#: Progress of long steps (epochs, sweeps): a Python logger, not Dagster events (those would cost every deletion
+#: a database write per epoch); `receraser` prints it, the Dagster UI shows each step's summary line.
+PROGRESS = logging.getLogger("receraser.progress")
+
+
+def progress(task: str, every: float = 5.0) -> Callable[[dict[str, float]], None]:
+    """An epoch callback that logs ``task``'s epoch and validation score, at most once every ``every`` seconds."""
+    last = [time.perf_counter()]
+
+    def report(epoch_log: dict[str, float]) -> None:
+        now = time.perf_counter()
+        if now - last[0] < every:
+            return
+        last[0] = now
+        score = epoch_log.get("valid_recall@10")
+        tail = f", valid Recall@10 {score:.4f}" if score is not None else ""
+        PROGRESS.info(f"{task}: epoch {int(epoch_log['epoch'])}{tail} ({epoch_log.get('seconds', 0.0):.0f} s)")
+
+    return report
+
+
 def pretrain(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> tuple[np.ndarray, np.ndarray]:
     """WMF on all training data; its embeddings only steer the partition."""
     inter = load_interactions(run.interactions)
     model = build_model("wmf", inter.n_users, inter.n_items, **model_config("wmf", inter.name, {"seed": cfg.seed}))
+    PROGRESS.info(f"pretraining WMF on {inter.train.nnz:,} interactions (the partition's embeddings) ...")
     with training_threads():
-        fit = model.fit(inter.train, inter.valid)
+        fit = model.fit(inter.train, inter.valid, callback=progress("pretraining WMF"))
     u, i = (t.numpy() for t in model.embeddings())
     _atomic(run.embeddings, lambda p: _save_npz(p, user=u, item=i))
     log(f"pretrained WMF in {fit.seconds:.1f} s (valid Recall@10 {fit.best_valid_recall:.4f})")
@@ -192,6 +216,10 @@ def _save_npz(path: Path, **arrays: Any) -> None:
 def partition(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> Partition:
     """Shard id for every training interaction, with diagnostics."""
     inter = load_interactions(run.interactions)
+    PROGRESS.info(
+        f"partitioning {inter.train.nnz:,} interactions with {cfg.partitioner} into {cfg.n_shards} shards "
+        f"(at most {cfg.partition_iters} iterations) ..."
+    )
     kwargs: dict[str, Any] = {"max_iter": cfg.partition_iters}
     if cfg.partitioner != "random":
         with read_npz(run.embeddings) as z:
@@ -311,7 +339,7 @@ def train_shard(
         data = load_partition(run).shard_matrix(inter.train, k)
     model = build_model(cfg.model, inter.n_users, inter.n_items, **shard_model_config(cfg, inter.name, k))
     with training_threads():
-        fit = model.fit(data, _shard_valid(inter, cfg, data))
+        fit = model.fit(data, _shard_valid(inter, cfg, data), callback=progress(f"shard {k}"))
     model.save(run.shard_model(k))
     write_json(
         run.shard_fit(k),
@@ -384,7 +412,14 @@ def aggregate(
         t0 = time.perf_counter()
         agg = AGGREGATORS[cfg.aggregator](stack, cfg.agg_config())
         init_seconds = time.perf_counter() - t0  # its data-dependent start (attention: the Procrustes alignment)
-        fit = agg.fit(inter.train, inter.valid, callback=callback)
+        shown = progress(f"aggregator {cfg.aggregator}")
+
+        def both(epoch_log: dict[str, float]) -> None:
+            shown(epoch_log)
+            if callback is not None:
+                callback(epoch_log)
+
+        fit = agg.fit(inter.train, inter.valid, callback=both)
     state = {
         "aggregator": cfg.aggregator,
         "config": cfg.to_dict(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +63,13 @@ def _context():  # noqa: ANN202
     if not os.environ.get("RECERASER_VERBOSE"):  # Dagster's step events stay in the instance and the UI
         logging.getLogger("dagster").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", module="dagster")
+    shown = logging.getLogger("receraser.progress")  # long steps' epochs, at most one line every 5 s per step
+    if not shown.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("    %(message)s"))
+        shown.addHandler(handler)
+        shown.setLevel(logging.INFO)
+        shown.propagate = False
     from dagster_project.orchestrate import get_instance
     from dagster_project.resources import ReceraserResource, default_tracker
     from dagster_project.settings import state_dir
