@@ -93,6 +93,10 @@ def test_missing_file_and_unknown_dataset(tmp_path: Path) -> None:
         load_dataset("ml-100k")
     with pytest.raises(DataError, match="file not found"):
         load_dataset("yelp2018", data_dir=tmp_path)
+    for name, fetch in (("ml-1m", "ml-1m"), ("ml-1m-full", "ml-1m"), ("yelp2018", "yelp2018")):
+        with pytest.raises(DataError, match=f"receraser data fetch {fetch}") as err:  # says how to get it
+            load_dataset(name, data_dir=tmp_path)
+        assert "\n" not in str(err.value)
 
 
 def test_adjacency_errors_name_file_and_line(tmp_path: Path) -> None:

@@ -285,12 +285,23 @@ def load_dataset(
     """Load a dataset by name (see module docstring). ``seed`` drives the protocol / validation split."""
     parsed = parse_dataset(spec)
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    if parsed.name == "ml-1m":
-        return load_ml1m_authors(root)
-    if parsed.name == "ml-1m-full":
-        return load_ml1m_full(root, seed)
-    if parsed.name == "yelp2018":
-        return load_yelp2018(root, seed)
+    builtin = {
+        "ml-1m": lambda: load_ml1m_authors(root),
+        "ml-1m-full": lambda: load_ml1m_full(root, seed),
+        "yelp2018": lambda: load_yelp2018(root, seed),
+    }
+    if parsed.name in builtin:
+        try:
+            return builtin[parsed.name]()
+        except DataError as exc:
+            if "file not found" not in str(exc):
+                raise
+            fetch = "yelp2018" if parsed.name == "yelp2018" else "ml-1m"
+            where = str(exc).split(": file not found")[0]
+            raise DataError(
+                f"{where}: file not found: get the data with `receraser data fetch {fetch}` (or point "
+                "RECERASER_DATA_DIR / --data-dir at a copy)"
+            ) from None
     assert parsed.path is not None
     return load_table_dataset(spec, parsed.path, seed, parsed.user_col or user_col, parsed.item_col or item_col)
 
