@@ -91,6 +91,7 @@ def _models(state: Path) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+@pytest.mark.slow
 def test_main_job_and_a_deletion_on_celery_workers_with_postgres(tmp_path: Path, postgres: str, valkey: str) -> None:
     (tmp_path / "dist").mkdir()
     (tmp_path / "local").mkdir()

@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from receraser_core.data.readers import PROJECT_ROOT
 from tests.test_dagster import K, _cli, _env
 
@@ -92,6 +94,7 @@ def _ledger(env: dict[str, str]) -> list[dict]:
     return json.loads(proc.stdout)["requests"]
 
 
+@pytest.mark.slow
 def test_dagster_dev_serves_the_graph_its_staleness_and_applies_deletions(tmp_path: Path) -> None:
     """The UI's view: the graph, Dagster's own stale status after a deletion (only that shard's partitions, the
     aggregator and evaluation), and the daemon's sensor applying a request in one run."""

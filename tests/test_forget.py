@@ -474,6 +474,7 @@ def test_applier_lock_names_its_holder_and_survives_a_crash(tmp_path: Path) -> N
                 pass
 
 
+@pytest.mark.slow
 def test_killed_at_three_points_the_next_command_finishes_the_request(tmp_path: Path) -> None:
     """kill -9 during the redaction (between its two writes), a shard fit and the aggregator fit: the next
     `unlearn` or `run` completes the request (applied, the records gone), and the abandoned Dagster run is
