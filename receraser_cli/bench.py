@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from receraser_cli.bench_common import write_record
 from receraser_core.models import MODELS
 
 
@@ -51,10 +51,7 @@ def cmd_bench_retrain(args: argparse.Namespace) -> int:
             f"(ours / implicit = {rec['fit_ratio_to_implicit']:.2f}; ours includes validation every "
             f"{rec['config']['eval_every']} sweeps)"
         )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rec, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_record(args.json, rec)
     return 0
 
 
@@ -79,9 +76,7 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     def save(rec: dict) -> None:
         records.append(rec)
         print(f"   -> {rec['method']}: Recall@20 {rec['recall@20']:.4f}  NDCG@20 {rec['ndcg@20']:.4f}", flush=True)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(records, indent=2, default=float) + "\n")
+        write_record(args.json, records, announce=False)
 
     work = args.work or Path("state") / "bench" / f"{args.dataset}-{args.model}"
     shards = tuple(int(k) for k in args.shard_counts.split(","))

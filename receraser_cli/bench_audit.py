@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from receraser_cli.dagster_jobs import _context, add_pipeline_arguments, apply_pipeline_env
+from receraser_cli.bench_common import bench_settings, write_record
+from receraser_cli.dagster_jobs import _context, add_pipeline_arguments
 
 
 def _summary(ranks: np.ndarray, scores: np.ndarray) -> dict[str, float]:
@@ -24,11 +24,7 @@ def _summary(ranks: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 
 
 def cmd_bench_audit(args: argparse.Namespace) -> int:
-    if args.state_dir is None:
-        args.state_dir = Path("state") / "bench-audit" / f"{args.dataset or 'ml-1m'}-{args.model or 'wmf'}"
-    apply_pipeline_env(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    bench_settings(args, "audit")
     from dagster_project.orchestrate import run_graph
     from dagster_project.unlearn import ledger_for, unlearn_pending
     from pipelines.audit import auc, bootstrap_auc, interval, pair_ranks
@@ -136,10 +132,7 @@ def cmd_bench_audit(args: argparse.Namespace) -> int:
     if args.rebuild:
         lo, hi = record["auc_after_minus_full_rebuild_ci95"]
         print(f"after - full rebuild: 95% CI {lo:+.3f} to {hi:+.3f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_record(args.json, record)
     return 0
 
 

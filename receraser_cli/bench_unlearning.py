@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from receraser_cli.dagster_jobs import _context, add_pipeline_arguments, apply_pipeline_env
+from receraser_cli.bench_common import bench_settings, write_record
+from receraser_cli.dagster_jobs import _context, add_pipeline_arguments
 from receraser_core.state_file import load_state
 
 
@@ -60,11 +61,7 @@ def implicit_refit_seconds(inter: Any, retrain_record: dict[str, Any]) -> float:
 
 
 def cmd_bench_unlearning(args: argparse.Namespace) -> int:
-    if args.state_dir is None:
-        args.state_dir = Path("state") / "bench-unlearning" / f"{args.dataset or 'ml-1m'}-{args.model or 'wmf'}"
-    apply_pipeline_env(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    bench_settings(args, "unlearning")
     from dagster_project.orchestrate import run_graph
     from dagster_project.unlearn import ledger_for, unlearn_pending
     from pipelines.ledger import NewRequest
@@ -200,10 +197,7 @@ def cmd_bench_unlearning(args: argparse.Namespace) -> int:
         f"Recall@20 before {before['recall@20']:.4f}, after {after['recall@20']:.4f} "
         f"({record['recall@20_change_pct']:+.2f}%), retrain on remaining {res.metrics['recall@20']:.4f}"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2, default=float) + "\n")
-        print(f"wrote {args.json}")
+    write_record(args.json, record)
     return 0
 
 
