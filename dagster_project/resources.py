@@ -25,7 +25,7 @@ class ReceraserResource(ConfigurableResource):
     seed: int = 0
     split_seed: int = 0
     partition_iters: int = 20
-    shard_valid: str = "local"
+    shard_valid: str = "routed"
     model_overrides_json: str = "{}"
     agg_overrides_json: str = "{}"
     state_dir: str = ""

@@ -23,9 +23,16 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from dagster_project.orchestrate import materialize_names, observe_deletions
 from dagster_project.resources import ReceraserResource, ledger_for
-from pipelines.forget import finish_interrupted_redaction, locate, redact, split_counts, validation_shards
+from pipelines.forget import (
+    finish_interrupted_redaction,
+    locate,
+    redact,
+    rerouted_shards,
+    split_counts,
+    validation_shards,
+)
 from pipelines.ledger import ApplierBusy, Ledger, Request
-from pipelines.steps import load_interactions, load_partition
+from pipelines.steps import load_interactions, load_partition, validation_routes
 from pipelines.tracking import Tracker
 
 DELETIONS_TAG = "receraser/deletions"  # request ids: MLflow runs are tagged with them, nothing computes from it
@@ -159,13 +166,18 @@ def prepare_batch(
     inter = load_interactions(run.interactions)
     assignment = load_partition(run, inter).assignment
     loc = locate(run, todo, inter, assignment)
-    scope = rec.pipeline_config().shard_valid
+    cfg = rec.pipeline_config()
+    routes = validation_routes(inter, cfg, assignment) if cfg.shard_valid == "routed" else None
     held = {r.id: loc.shards[np.isin(loc.positions, loc.by_request[r.id])].tolist() for r in todo}
-    stopped = {r.id: validation_shards(inter, assignment, [r], scope) for r in todo}
+    stopped = {r.id: validation_shards(inter, assignment, [r], cfg.shard_valid, routes) for r in todo}
+    # validation pairs of others that the batch's training removals move to another shard (one list for the
+    # batch: a move can follow from several requests' records together)
+    moved = rerouted_shards(inter, assignment, todo, routes, cfg) if routes is not None else []
     # the shards holding a training record, and those early-stopping on a validation record
-    shards_by_id = {r.id: sorted(set(r.shards) | set(held[r.id]) | set(stopped[r.id])) for r in todo}
+    moved_by = {r.id: moved if held[r.id] else [] for r in todo}  # named for the requests that removed training
+    shards_by_id = {r.id: sorted({*r.shards, *held[r.id], *stopped[r.id], *moved_by[r.id]}) for r in todo}
     counts = {r.id: split_counts(inter, r) for r in todo}
-    rebuilt = {r.id: _why(held[r.id], stopped[r.id], counts[r.id]) for r in todo}
+    rebuilt = {r.id: _why(held[r.id], stopped[r.id], moved_by[r.id], counts[r.id]) for r in todo}
     ledger.mark_applying(shards_by_id, {rid: sum(c.values()) for rid, c in counts.items()}, rebuilt)  # first
     _, removed = redact(run, todo)
     shards = sorted({k for s in shards_by_id.values() for k in s})
@@ -177,7 +189,7 @@ def prepare_batch(
     )
 
 
-def _why(held: list[int], stopped: list[int], counts: dict[str, int]) -> dict[str, str]:
+def _why(held: list[int], stopped: list[int], moved: list[int], counts: dict[str, int]) -> dict[str, str]:
     """What a request makes rebuild and why, for the erasure report ({} when its records are already gone)."""
     if not any(counts.values()):
         return {}
@@ -189,6 +201,11 @@ def _why(held: list[int], stopped: list[int], counts: dict[str, int]) -> dict[st
         )
     for k in stopped:
         out.setdefault(f"shard {k}", []).append("early-stopped on its validation record(s)")
+    for k in sorted(set(moved) - set(held)):
+        out.setdefault(f"shard {k}", []).append(
+            "its validation pairs changed: the batch removed a shard's last training record of a user or item, "
+            "and the validation pairs routed there moved"
+        )
     why = {key: "; ".join(reasons) for key, reasons in out.items()}
     if counts["train"] or counts["valid"]:
         selected = " and selects on validation without it" if counts["valid"] else ""

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from pipelines.config import PipelineConfig
 from pipelines.ledger import Ledger, NewRequest, Request
 from pipelines.steps import (
     RunDir,
@@ -33,6 +34,7 @@ from pipelines.steps import (
     read_json,
     read_npz,
     save_interactions,
+    validation_routes,
     write_json,
 )
 from receraser_core.data.interactions import DataError, Interactions, csr_fingerprint, pairs_to_csr
@@ -107,16 +109,27 @@ def _without_requests(m: sp.csr_matrix, inter: Interactions, requests: Sequence[
 
 
 def validation_shards(
-    inter: Interactions, assignment: np.ndarray, requests: Sequence[Request], scope: str
+    inter: Interactions,
+    assignment: np.ndarray,
+    requests: Sequence[Request],
+    scope: str,
+    routes: np.ndarray | None = None,
 ) -> list[int]:
-    """Shards whose early stopping reads a validation record the requests name: with ``scope="local"`` the
-    shards holding both its user and its item (`steps.shard_validation`), with ``"global"`` every shard."""
+    """Shards whose early stopping reads a validation record the requests name: with ``scope="routed"`` the
+    one shard each record is routed to (``routes``, `steps.validation_routes` of the same data), with
+    ``"local"`` every shard holding both its user and its item (`steps.shard_validation`), with ``"global"``
+    every shard."""
     n_shards = int(assignment.max()) + 1 if len(assignment) else 0
     users = np.repeat(np.arange(inter.train.shape[0]), np.diff(inter.train.indptr))
     out: set[int] = set()
     for req in requests:
         hits = _hits(inter.valid, inter, req)
         if len(hits) == 0:
+            continue
+        if scope == "routed":
+            if routes is None:
+                raise ValueError("routed validation needs the routes of the current data")
+            out |= {int(k) for k in routes[hits] if k >= 0}
             continue
         if scope != "local":
             return list(range(n_shards))
@@ -126,6 +139,30 @@ def validation_shards(
         for i in items:
             out |= user_shards & set(assignment[inter.train.indices == i].tolist())
     return sorted(out)
+
+
+def rerouted_shards(
+    inter: Interactions,
+    assignment: np.ndarray,
+    requests: Sequence[Request],
+    routes: np.ndarray,
+    cfg: PipelineConfig,
+) -> list[int]:
+    """Shards whose routed validation pairs change, besides the requests' own validation records: removing
+    training records can take a shard's last record of a user or an item, and the validation pairs routed
+    there move to another shard holding both (`partition.route_validation`). ``routes``: the route of ``inter``'s
+    validation entries before the removal."""
+    positions = _all_positions(_positions(inter, requests))
+    if len(positions) == 0:
+        return []  # no training record leaves: every shard holds the same users and items as before
+    dropped = np.unique(np.concatenate([_hits(inter.valid, inter, r) for r in requests] or [np.zeros(0, np.int64)]))
+    keep = np.ones(inter.valid.nnz, dtype=bool)
+    keep[dropped] = False
+    after_inter = replace(inter, train=_without(inter.train, positions), valid=_without(inter.valid, dropped))
+    after = validation_routes(after_inter, cfg, np.delete(assignment, positions))
+    before = routes[keep]
+    moved = before != after
+    return sorted({int(k) for k in np.concatenate([before[moved], after[moved]]) if k >= 0})
 
 
 def read_request_file(path: Path) -> list[NewRequest]:

@@ -38,7 +38,7 @@ from receraser_core.data.readers import load_dataset
 from receraser_core.metrics import DEFAULT_KS, evaluate
 from receraser_core.models import Recommender, build_model, load_model
 from receraser_core.models.lightgcn import LightGCN
-from receraser_core.partition import PARTITIONERS, Partition
+from receraser_core.partition import PARTITIONERS, Partition, route_validation, routed_validation
 from receraser_core.state_file import check, load_state, save_state, seal
 
 Log = Callable[[str], None]
@@ -282,7 +282,17 @@ def shard_validation(valid: sp.csr_matrix, shard: sp.csr_matrix) -> sp.csr_matri
     return out
 
 
-def _shard_valid(inter: Interactions, cfg: PipelineConfig, shard: sp.csr_matrix) -> sp.csr_matrix:
+def validation_routes(inter: Interactions, cfg: PipelineConfig, assignment: np.ndarray) -> np.ndarray:
+    """The shard each validation entry early-stops (``shard_valid="routed"``; -1: none), from the current data."""
+    return route_validation(inter.valid, inter.train, assignment, cfg.n_shards, cfg.seed)
+
+
+def shard_valid(run: RunDir, inter: Interactions, cfg: PipelineConfig, k: int, shard: sp.csr_matrix) -> sp.csr_matrix:
+    """The validation pairs shard k's model early-stops on, by ``cfg.shard_valid``: "routed" (each validation
+    pair steers exactly one shard that holds both its user and its item, `route_validation`), "local" (every
+    such shard) or "global" (all of validation, every shard)."""
+    if cfg.shard_valid == "routed":
+        return routed_validation(inter.valid, validation_routes(inter, cfg, load_partition(run, inter).assignment), k)
     return shard_validation(inter.valid, shard) if cfg.shard_valid == "local" else inter.valid
 
 
@@ -292,7 +302,7 @@ def write_shard_data(run: RunDir, cfg: PipelineConfig, k: int) -> tuple[sp.csr_m
     inter = load_interactions(run.interactions)
     m = shard_train_matrix(run, k, inter)
     _atomic(run.shard_data(k), lambda p: _save_npz(p, indptr=m.indptr, indices=m.indices, shape=np.array(m.shape)))
-    return m, _shard_valid(inter, cfg, m)
+    return m, shard_valid(run, inter, cfg, k, m)
 
 
 def load_shard_data(run: RunDir, k: int) -> sp.csr_matrix:
@@ -339,7 +349,7 @@ def train_shard(
         data = load_partition(run).shard_matrix(inter.train, k)
     model = build_model(cfg.model, inter.n_users, inter.n_items, **shard_model_config(cfg, inter.name, k))
     with training_threads():
-        fit = model.fit(data, _shard_valid(inter, cfg, data), callback=progress(f"shard {k}"))
+        fit = model.fit(data, shard_valid(run, inter, cfg, k, data), callback=progress(f"shard {k}"))
     model.save(run.shard_model(k))
     write_json(
         run.shard_fit(k),

@@ -34,11 +34,12 @@ from tests.test_pipeline import FAST_MODEL, write_blocks_csv
 K = len(shard_partitions.get_partition_keys())
 
 
-def _resource(tmp_path: Path, model: str = "wmf") -> ReceraserResource:
+def _resource(tmp_path: Path, model: str = "wmf", partitioner: str = "inbp") -> ReceraserResource:
     csv = write_blocks_csv(tmp_path / "blocks.csv")
     cfg = PipelineConfig(
         dataset=f"csv:{csv}",
         model=model,
+        partitioner=partitioner,
         n_shards=K,
         model_overrides=FAST_MODEL[model],
         agg_overrides={"epochs": 2},

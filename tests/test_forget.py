@@ -33,7 +33,6 @@ from pipelines.steps import (
     load_serving,
     read_json,
     shard_stack,
-    shard_validation,
     training_threads,
 )
 from pipelines.tracking import MemoryTracker
@@ -41,6 +40,7 @@ from receraser_core.aggregate import AGGREGATORS
 from receraser_core.data.interactions import DataError, pairs_to_csr
 from receraser_core.data.readers import PROJECT_ROOT
 from receraser_core.models import build_model, load_model
+from receraser_core.partition import route_validation, routed_validation
 from receraser_core.state_file import load_state
 from tests.test_dagster import K, _cli, _env, _resource
 
@@ -149,10 +149,15 @@ def test_forgetting_is_exact(tmp_path: Path, model: str, monkeypatch: pytest.Mon
         remaining = pairs_to_csr(rows[keep], cols[keep], inter0.n_users, inter0.n_items)
         overrides = {**SHARD_DEFAULTS.get(cfg.model, {}), **cfg.model_overrides, "seed": cfg.seed + 1}
         fresh = build_model(cfg.model, inter.n_users, inter.n_items, **model_config(cfg.model, inter.name, overrides))
+        # its validation pairs: routed over the remaining training pairs and their stored shards
+        alive = np.array([(r, c) not in gone for r, c in zip(rows, cols, strict=True)])
+        all_remaining = pairs_to_csr(rows[alive], cols[alive], inter0.n_users, inter0.n_items)
+        routes = route_validation(inter.valid, all_remaining, assignment0[alive], K, cfg.seed)
         with training_threads():
-            fresh.fit(remaining, shard_validation(inter.valid, remaining))
+            fresh_fit = fresh.fit(remaining, routed_validation(inter.valid, routes, 1))
         stored = load_model(run.shard_model(1))
         assert all(torch.equal(stored.params[n], fresh.params[n]) for n in fresh.params)
+        assert read_json(run.shard_fit(1))["best_valid_recall@10"] == fresh_fit.best_valid_recall
         # and so does the aggregator, retrained from its seeded initialisation on the remaining data
         remaining_train = pairs_to_csr(*_pairs_without(inter0.train, gone), inter0.n_users, inter0.n_items)
         assert (remaining_train != inter.train).nnz == 0
@@ -562,19 +567,22 @@ def test_validation_and_test_records_are_forgotten_and_their_shards_rebuilt(tmp_
     evaluation; a user request clears all three splits."""
     from pipelines.forget import validation_shards
 
-    rec, tracker = _resource(tmp_path, "bpr"), MemoryTracker()
+    rec, tracker = _resource(tmp_path, "bpr", partitioner="random"), MemoryTracker()  # users in several shards
     cfg, run = rec.pipeline_config(), rec.run_dir()
     with instance_for_test() as instance:
         run_graph(instance, rec, tracker, log=lambda _: None)
         inter0, part0 = load_interactions(run.interactions), load_partition(run)
         shards0 = [part0.shard_matrix(inter0.train, k) for k in range(K)]
         v = inter0.valid.tocoo()
-        # a validation pair that some shard early-stops on (its user and item both in that shard)
+        # a validation pair that several shards hold both ends of: it early-stops exactly one (its route)
+        routes0 = route_validation(inter0.valid, inter0.train, part0.assignment, K, cfg.seed)
         local = [
-            (int(u), int(i), [k for k in range(K) if shards0[k][u].nnz and shards0[k][:, i].nnz])
-            for u, i in zip(v.row, v.col, strict=True)
+            (int(u), int(i), [k for k in range(K) if shards0[k][u].nnz and shards0[k][:, i].nnz], int(route))
+            for u, i, route in zip(v.row, v.col, routes0, strict=True)
         ]
-        u, i, expected = next(x for x in local if x[2])
+        u, i, candidates, routed = next(x for x in local if len(x[2]) >= 2)
+        expected = [routed]
+        assert routed in candidates
         t = inter0.test.tocoo()
         tu, ti = int(t.row[0]), int(t.col[0])
         before = {k: run.shard_model(k).read_bytes() for k in range(K)}
@@ -585,7 +593,8 @@ def test_validation_and_test_records_are_forgotten_and_their_shards_rebuilt(tmp_
         ]
         ledger = ledger_for(rec)
         ledger.add(reqs)
-        assert validation_shards(inter0, part0.assignment, ledger.get()[:1], "local") == expected
+        assert validation_shards(inter0, part0.assignment, ledger.get()[:1], "local") == candidates
+        assert validation_shards(inter0, part0.assignment, ledger.get()[:1], "routed", routes0) == expected
         report = unlearn_pending(instance, rec, tracker, log=lambda _: None)
         assert report is not None and report.shards == expected and report.records == 0  # no training record
         rows = ledger.get()
@@ -611,9 +620,14 @@ def test_validation_and_test_records_are_forgotten_and_their_shards_rebuilt(tmp_
         k = expected[0]
         overrides = {**SHARD_DEFAULTS.get(cfg.model, {}), **cfg.model_overrides, "seed": cfg.seed + k}
         fresh = build_model(cfg.model, inter.n_users, inter.n_items, **model_config(cfg.model, inter.name, overrides))
+        routes = route_validation(inter.valid, inter.train, part0.assignment, K, cfg.seed)
+        assert np.array_equal(
+            routes, np.delete(routes0, inter0.valid.indptr[u] + np.flatnonzero(inter0.valid[u].indices == i))
+        )
         with training_threads():
-            fresh.fit(shards0[k], shard_validation(inter.valid, shards0[k]))
+            fresh_fit = fresh.fit(shards0[k], routed_validation(inter.valid, routes, k))
         assert all(torch.equal(load_model(run.shard_model(k)).params[n], fresh.params[n]) for n in fresh.params)
+        assert read_json(run.shard_fit(k))["best_valid_recall@10"] == fresh_fit.best_valid_recall
         assert set(graph_status(instance).values()) == {"fresh"}
 
         # a user's erasure clears the user from train, validation and test
@@ -621,6 +635,58 @@ def test_validation_and_test_records_are_forgotten_and_their_shards_rebuilt(tmp_
         unlearn_pending(instance, rec, tracker, log=lambda _: None)
         inter = load_interactions(run.interactions)
         assert inter.train[u].nnz == inter.valid[u].nnz == inter.test[u].nnz == 0
+
+
+def test_a_training_deletion_that_moves_validation_routes_retrains_both_shards(tmp_path: Path) -> None:
+    """Each validation pair early-stops one shard. Deleting a user's last training record in shard k moves the
+    user's validation pairs routed to k to another shard holding both ends: that shard is retrained too, and
+    every retrained shard equals a fit on its remaining data with the validation pairs routed from scratch."""
+    rec, tracker = _resource(tmp_path, "bpr", partitioner="random"), MemoryTracker()  # users in several shards
+    cfg, run = rec.pipeline_config(), rec.run_dir()
+    with instance_for_test() as instance:
+        run_graph(instance, rec, tracker, log=lambda _: None)
+        inter0, a = load_interactions(run.interactions), load_partition(run).assignment
+        n_u, n_i = inter0.n_users, inter0.n_items
+        rows, cols = np.repeat(np.arange(n_u), np.diff(inter0.train.indptr)), inter0.train.indices
+        vrows = np.repeat(np.arange(n_u), np.diff(inter0.valid.indptr))
+        routes0 = route_validation(inter0.valid, inter0.train, a, K, cfg.seed)
+        found = None
+        for p in range(len(a)):
+            u, k = rows[p], a[p]
+            if ((rows == u) & (a == k)).sum() != 1 or not ((vrows == u) & (routes0 == k)).any():
+                continue  # not the user's last record in k, or none of the user's validation pairs is routed to k
+            keep = np.arange(len(a)) != p
+            routes1 = route_validation(
+                inter0.valid, pairs_to_csr(rows[keep], cols[keep], n_u, n_i), a[keep], K, cfg.seed
+            )
+            moved = routes1 != routes0
+            if set(routes1[moved].tolist()) - {-1, int(k)}:
+                found = (p, int(k), keep, routes1, moved)
+                break
+        assert found is not None, "the test data has no deletion that moves a validation route"
+        p, k, keep, routes1, moved = found
+        expected = sorted({k, *routes0[moved].tolist(), *routes1[moved].tolist()} - {-1})
+        before = {s: run.shard_model(s).read_bytes() for s in range(K)}
+        ledger = ledger_for(rec)
+        ledger.add([NewRequest("interaction", str(inter0.user_ids[rows[p]]), str(inter0.item_ids[cols[p]]))])
+        report = unlearn_pending(instance, rec, tracker, log=lambda _: None)
+        assert report is not None and report.shards == expected and len(expected) >= 2
+        why = ledger.get()[0].rebuilt
+        assert why[f"shard {k}"] == "held its training record"
+        for s in set(routes1[moved].tolist()) - {-1, k}:
+            assert "validation pairs changed" in why[f"shard {s}"]
+        assert all(run.shard_model(s).read_bytes() == before[s] for s in range(K) if s not in expected)
+        for s in expected:
+            mine = keep & (a == s)
+            overrides = {**SHARD_DEFAULTS.get(cfg.model, {}), **cfg.model_overrides, "seed": cfg.seed + s}
+            fresh = build_model(cfg.model, n_u, n_i, **model_config(cfg.model, inter0.name, overrides))
+            with training_threads():
+                fit = fresh.fit(
+                    pairs_to_csr(rows[mine], cols[mine], n_u, n_i), routed_validation(inter0.valid, routes1, s)
+                )
+            assert all(torch.equal(load_model(run.shard_model(s)).params[n], fresh.params[n]) for n in fresh.params)
+            assert read_json(run.shard_fit(s))["best_valid_recall@10"] == fit.best_valid_recall
+        assert set(graph_status(instance).values()) == {"fresh"}
 
 
 ERASED_USER, OTHER_ITEM = "zz-subject-5f1e", "zz-item-9c2b"

@@ -354,3 +354,50 @@ def test_long_steps_report_progress(tmp_path: Path, caplog: pytest.LogCaptureFix
     with caplog.at_level("INFO", logger="receraser.progress"):
         quiet({"epoch": 1.0, "seconds": 1.0})
     assert caplog.records == []
+
+
+def test_learning_rate_schedule_and_first_validated_epoch() -> None:
+    """Warm-up then linear decay over the whole fit, set before every step; epochs before ``valid_from`` are
+    neither validated nor selectable. The packed embedding of every row is built once and stays equal to the
+    packing of an explicit index (the WMF loss embeds every item at every step)."""
+    sched = AggConfig(lr=0.1, epochs=10, warmup=0.2, decay="linear")
+    assert sched.lr_at(0.1) == pytest.approx(0.05) and sched.lr_at(0.2) == pytest.approx(0.1)
+    assert sched.lr_at(0.6) == pytest.approx(0.05) and sched.lr_at(0.999) < 1e-3
+    assert all(AggConfig(lr=0.1).lr_at(p) == 0.1 for p in (0.0, 0.5, 0.99))
+    for bad in ({"warmup": 1.0}, {"decay": "cosine"}, {"valid_from": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AggConfig(**bad)  # type: ignore[arg-type]
+
+    g = torch.Generator().manual_seed(4)
+    k, n_u, n_i, d = 3, 256, 30, 6
+    rng = np.random.default_rng(4)
+    block = (np.arange(n_u)[:, None] % 2) == (np.arange(n_i)[None, :] % 2)
+    draw = rng.random((n_u, n_i))
+    train = sp.csr_matrix(block & (draw < 0.5), dtype=np.float32)
+    valid = sp.csr_matrix(block & (draw >= 0.5) & (draw < 0.7), dtype=np.float32)
+    stack = _masked_stack(g, k, n_u, n_i, d, p_user=0.8, p_item=0.8)
+    cfg = AggConfig(
+        loss="wmf", epochs=5, patience=5, lr=0.05, batch_size=16 * 64, warmup=0.2, decay="linear", valid_from=3, seed=2
+    )
+    seen: list[float] = []
+
+    class Spy(AGGREGATORS["attention"]):  # type: ignore[misc, valid-type]
+        def _set_lr(self, opt: torch.optim.Optimizer, epoch: int, done: int, total: int) -> None:
+            super()._set_lr(opt, epoch, done, total)
+            seen.append(opt.param_groups[0]["lr"])
+
+    agg = Spy(stack, cfg)
+    fit = agg.fit(train, valid)
+    assert len(seen) == 5 * 4  # 256 users, 64 a step, 5 epochs
+    assert seen[:4] == sorted(seen[:4]) and max(seen) == pytest.approx(0.05)
+    assert seen[4:] == sorted(seen[4:], reverse=True) and seen[-1] == pytest.approx(0.05 * (1 / 20) / 0.8)
+    assert [("valid_recall@10" in h) for h in fit.history] == [False, False, True, True, True]
+    assert fit.best_epoch >= 3
+    everyone = torch.arange(n_i)
+    first = agg.item_embed(everyone)
+    assert torch.equal(first, agg.item_embed(everyone))
+    parts, counts, col = agg._pack(stack.items, stack.item_mask, stack.item_count, everyone)
+    uncached = agg.item_att.packed(
+        torch.cat([x @ agg.transfer_w[k].t() + agg.transfer_b[k] for k, x in parts]), counts, col, n_i
+    )
+    assert torch.equal(first, uncached)

@@ -89,6 +89,11 @@ class AggConfig:
     sampling: str = "interaction"  # bpr / lightgcn loss: triples per "interaction" or per "user" (bpr_triples)
     # > 0: validate, select and keep an average of the weights over epochs, avg <- ema * avg + (1 - ema) * new
     ema: float = 0.0
+    # learning-rate schedule over the whole fit: the rate rises linearly over the first `warmup` fraction of
+    # the steps, then stays at `lr` ("constant") or falls linearly to zero at the last step ("linear")
+    warmup: float = 0.0
+    decay: str = "constant"
+    valid_from: int = 1  # first epoch whose model is validated and can be selected (at most the last epoch)
 
     seed: int = 0
 
@@ -96,6 +101,21 @@ class AggConfig:
         check_sampling(self.sampling)
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"AggConfig.ema must be in [0, 1), got {self.ema}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"AggConfig.warmup must be in [0, 1), got {self.warmup}")
+        if self.decay not in ("constant", "linear"):
+            raise ValueError(f"AggConfig.decay must be 'constant' or 'linear', got {self.decay!r}")
+        if self.valid_from < 1:
+            raise ValueError(f"AggConfig.valid_from must be >= 1, got {self.valid_from}")
+
+    def lr_at(self, progress: float) -> float:
+        """The learning rate at ``progress`` in [0, 1) of the fit's steps."""
+        scale = 1.0
+        if self.warmup and progress < self.warmup:
+            scale = (progress + 1e-9) / self.warmup
+        elif self.decay == "linear":
+            scale = (1.0 - progress) / (1.0 - self.warmup)
+        return self.lr * min(max(scale, 0.0), 1.0)
 
 
 @dataclass
@@ -164,15 +184,27 @@ class Aggregator(torch.nn.Module):
         return lambda users: u[users] @ item_t
 
     # -- training -----------------------------------------------------------------------------------
-    def _epoch(self, train: sp.csr_matrix, opt: torch.optim.Optimizer, rng: np.random.Generator) -> float:
+    def _set_lr(self, opt: torch.optim.Optimizer, epoch: int, done: int, total: int) -> None:
+        """Set the rate for the next step: step ``done`` of ``total`` in 0-based ``epoch``."""
+        cfg = self.config
+        if cfg.warmup or cfg.decay != "constant":
+            lr = cfg.lr_at((epoch + done / max(total, 1)) / cfg.epochs)
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def _epoch(
+        self, train: sp.csr_matrix, opt: torch.optim.Optimizer, rng: np.random.Generator, epoch: int = 0
+    ) -> float:
         cfg = self.config
         if cfg.loss == "wmf":
-            return self._wmf_epoch(train, opt, rng)
+            return self._wmf_epoch(train, opt, rng, epoch)
         u_all, i_all, negs = bpr_triples(train, rng, torch.device("cpu"), sampling=cfg.sampling)
         # a batch larger than the catalogue is cheaper to embed as "everyone once, then index"
         embed_all = cfg.loss == "lightgcn" or 3 * cfg.batch_size >= sum(train.shape)
         total = 0.0
+        n_steps = -(-len(u_all) // cfg.batch_size)
         for start in range(0, len(u_all), cfg.batch_size):
+            self._set_lr(opt, epoch, start // cfg.batch_size, n_steps)
             u, i, j = (t[start : start + cfg.batch_size] for t in (u_all, i_all, negs))
             if embed_all:
                 users, items = self.full_embeddings()
@@ -193,12 +225,15 @@ class Aggregator(torch.nn.Module):
             total += float(loss.detach()) * len(u)
         return total / max(len(u_all), 1)
 
-    def _wmf_epoch(self, train: sp.csr_matrix, opt: torch.optim.Optimizer, rng: np.random.Generator) -> float:
+    def _wmf_epoch(
+        self, train: sp.csr_matrix, opt: torch.optim.Optimizer, rng: np.random.Generator, epoch: int = 0
+    ) -> float:
         n_users, n_items = train.shape
         step = max(self.config.batch_size // 16, 64)  # users per batch
         order = rng.permutation(n_users)
         total = 0.0
         for start in range(0, n_users, step):
+            self._set_lr(opt, epoch, start // step, -(-n_users // step))
             batch = np.sort(order[start : start + step])
             eu, ei = self.user_embed(torch.from_numpy(batch)), self.item_embed(torch.arange(n_items))
             loss = wmf_loss(eu, ei, Observed.of(train[batch]), self.config.c0)
@@ -255,14 +290,19 @@ class Aggregator(torch.nn.Module):
         torch.manual_seed(self.config.seed)
         rng = np.random.default_rng(self.config.seed)
         opt = torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=True)
-        best, bad = -1.0, 0
+        best, bad = float("-inf"), 0
         best_state = self._snapshot()
         average: dict[str, torch.Tensor] | None = None
         for epoch in range(1, self.config.epochs + 1):
-            loss = self._epoch(train, opt, rng)
+            loss = self._epoch(train, opt, rng, epoch - 1)
             log = {"epoch": float(epoch), "loss": loss, "seconds": time.perf_counter() - t0}
             if self.config.ema:
                 average = self._update_average(average)
+            if epoch < min(self.config.valid_from, self.config.epochs):  # too early to be selected
+                result.history.append(log)
+                if callback:
+                    callback(log)
+                continue
             score = -loss
             if valid is not None and valid.nnz:
                 with self._weights(average):

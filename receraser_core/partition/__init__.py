@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from receraser_core.partition.balanced import ibp_partition, inbp_partition, ubp_partition
-from receraser_core.partition.base import Partition, PartitionError, greedy_balanced_assign
+from receraser_core.partition.base import (
+    Partition,
+    PartitionError,
+    greedy_balanced_assign,
+    route_validation,
+    routed_validation,
+)
 from receraser_core.partition.graph_eraser import graph_eraser_partition
 from receraser_core.partition.random import random_partition
 
@@ -17,4 +23,11 @@ PARTITIONERS: dict[str, Callable[..., Partition]] = {
     "graph_eraser": graph_eraser_partition,
 }
 
-__all__ = ["PARTITIONERS", "Partition", "PartitionError", "greedy_balanced_assign"]
+__all__ = [
+    "PARTITIONERS",
+    "Partition",
+    "PartitionError",
+    "greedy_balanced_assign",
+    "route_validation",
+    "routed_validation",
+]

@@ -38,6 +38,56 @@ class Partition:
         return m
 
 
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (wrapping arithmetic): a fixed, well-spread hash of each value."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def route_validation(
+    valid: sp.csr_matrix, train: sp.csr_matrix, assignment: np.ndarray, n_shards: int, seed: int = 0
+) -> np.ndarray:
+    """The one shard that early-stops on each validation entry (``valid``'s CSR order), or -1 for none.
+
+    Candidates are the shards whose training data holds both the entry's user and its item (a shard model can
+    only be judged on pairs it has seen both ends of); among them the entry goes to the shard with the highest
+    seeded hash of (user, item, shard), rendezvous hashing. So the route depends only on the entry and on which
+    shards hold its user and item: a deletion moves an entry only when the shard it was routed to loses the
+    user's or the item's last training record there, and then only to another of its candidates."""
+    if train.nnz != len(assignment):
+        raise PartitionError(f"partition covers {len(assignment)} interactions, train has {train.nnz}")
+    n_users, n_items = train.shape
+    users = np.repeat(np.arange(n_users), np.diff(train.indptr))
+    user_in = np.zeros((n_shards, n_users), dtype=bool)
+    item_in = np.zeros((n_shards, n_items), dtype=bool)
+    user_in[assignment, users] = True
+    item_in[assignment, train.indices] = True
+    rows = np.repeat(np.arange(n_users, dtype=np.uint64), np.diff(valid.indptr))
+    cols = valid.indices.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        base = _mix(rows * np.uint64(0x9E3779B97F4A7C15) ^ _mix(cols + np.uint64(seed) * np.uint64(0x632BE59BD9B4E019)))
+        route = np.full(len(cols), -1, dtype=np.int64)
+        best = np.zeros(len(cols), dtype=np.uint64)
+        r, c = rows.astype(np.int64), valid.indices
+        for k in range(n_shards):
+            h = _mix(base ^ np.uint64(k + 1) * np.uint64(0xD1B54A32D192ED03))
+            better = user_in[k, r] & item_in[k, c] & ((route < 0) | (h > best))
+            route[better], best[better] = k, h[better]
+    return route
+
+
+def routed_validation(valid: sp.csr_matrix, route: np.ndarray, shard: int) -> sp.csr_matrix:
+    """The validation entries routed to ``shard`` (`route_validation`), as a matrix of ``valid``'s shape."""
+    keep = (route == shard).astype(np.float32)
+    m = sp.csr_matrix((keep, valid.indices.copy(), valid.indptr.copy()), shape=valid.shape)
+    m.eliminate_zeros()
+    m.sort_indices()
+    return m
+
+
 def describe(method: str, assignment: np.ndarray, train: sp.csr_matrix, n_shards: int, **extra: Any) -> dict[str, Any]:
     """Sizes and coverage of a partition of ``train``'s interactions."""
     users = np.repeat(np.arange(train.shape[0]), np.diff(train.indptr))
