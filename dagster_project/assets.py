@@ -4,8 +4,10 @@ their files in the run directory, so assets return only metadata and an explicit
 import dataclasses
 import hashlib
 import json
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,10 +29,10 @@ from dagster import (
 
 from dagster_project.partitions import PIPELINE, shard_partitions
 from dagster_project.resources import ReceraserResource, ledger_for
-from pipelines import steps
+from pipelines import registry, steps
 from pipelines.forget import reapply_ledger, shard_deletion_versions
 from pipelines.retrain import model_config, retrain
-from pipelines.tracking import Tracker
+from pipelines.tracking import PARENT_TAG, DatasetRef, Tracker
 from receraser_core.data.interactions import csr_fingerprint
 from receraser_core.state_file import integrity, load_state
 
@@ -78,10 +80,18 @@ def _tags(context: AssetExecutionContext, rec: ReceraserResource) -> dict[str, s
         "config": rec.pipeline_config().fingerprint(),
         "method": f"{rec.partitioner}+{rec.aggregator}",
     }
-    applied = _run_tags(context).get("receraser/deletions")
+    run_tags = _run_tags(context)
+    applied = run_tags.get("receraser/deletions")
     if applied:
         tags["deletion_requests"] = applied
+    if run_tags.get(PARENT_TAG):  # the main job's or the deletion batch's MLflow run
+        tags["mlflow.parentRunId"] = run_tags[PARENT_TAG]
     return tags
+
+
+def _data(rec: ReceraserResource, part: str, digest: str, source: Path, context: str = "training") -> DatasetRef:
+    """The MLflow dataset a run read: ``part`` of this configuration's dataset, at content hash ``digest``."""
+    return DatasetRef(f"{rec.pipeline_config().dataset}/{part}", digest[:24], str(source), context)
 
 
 def _params(rec: ReceraserResource, **extra: Any) -> dict[str, Any]:
@@ -198,7 +208,7 @@ def shard_model(
 ) -> MaterializeResult:
     """The submodel trained on shard_data[k] alone."""
     k, run, cfg = int(context.partition_key), receraser.run_dir(), receraser.pipeline_config()
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     model = steps.train_shard(run, cfg, k, context.log.info)
     fit = steps.read_json(run.shard_fit(k))
     seconds = time.perf_counter() - t0
@@ -209,6 +219,8 @@ def shard_model(
         {"best_valid_recall@10": fit["best_valid_recall@10"], "wall_seconds": seconds},
         fit["history"],
         _tags(context, receraser),
+        started=started,
+        dataset=_data(receraser, f"shard-{k}", fit["data_version"], run.shard_data(k)),
     )
     return MaterializeResult(
         metadata={
@@ -230,24 +242,40 @@ def aggregator(
 ) -> MaterializeResult:
     """The aggregation over all frozen submodels, trained on all remaining training data."""
     run, cfg = receraser.run_dir(), receraser.pipeline_config()
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     agg = steps.aggregate(run, cfg, context.log.info)
     seconds = time.perf_counter() - t0
     fit = load_state(run.aggregator, "aggregator file")["fit"]
-    tracker.log_run(
+    inter = steps.load_interactions(run.interactions)
+    tags = _tags(context, receraser)
+    run_id = tracker.log_run(
         receraser.experiment(),
         "aggregator",
         _params(receraser, **agg.config.__dict__),
         {"best_valid_recall@10": fit["best_valid_recall@10"], "wall_seconds": seconds},
         fit["history"],
-        _tags(context, receraser),
+        tags,
+        started=started,
+        dataset=_data(receraser, "train", csr_fingerprint(inter.train), run.interactions),
     )
+    # a new version of the configuration's registered model, now `production` (it is what serves)
+    t1 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        version = tracker.register_model(
+            registry.model_name(run),
+            run_id,
+            registry.save_pyfunc(run, inter, Path(tmp)),
+            {k: v for k, v in tags.items() if k in ("dagster_run_id", "config", "method", "deletion_requests")},
+            tags.get("deletion_requests", ""),
+        )
+    context.log.info(f"registered {registry.model_name(run)} version {version} in {time.perf_counter() - t1:.2f} s")
     version = _params_version(agg.state_dict()) if agg.state_dict() else _hash_arrays(agg.stack.users.numpy())
     return MaterializeResult(
         metadata={
             "epochs": len(fit["history"]),
             "fit_seconds": seconds,
             "valid_recall@10": float(fit["best_valid_recall@10"]),
+            "registered_model": f"{registry.model_name(run)} version {version}",
         },
         data_version=DataVersion(version),
     )
@@ -260,8 +288,9 @@ def evaluation(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
     """Recall@N / NDCG@N (N = 10, 20, 50) on test, full ranking, training items masked."""
-    run, cfg = receraser.run_dir(), receraser.pipeline_config()
+    run, cfg, started = receraser.run_dir(), receraser.pipeline_config(), time.time()
     metrics = steps.evaluate_run(run, cfg, context.log.info)
+    test = steps.load_interactions(run.interactions).test
     tracker.log_run(
         receraser.experiment(),
         f"evaluation {cfg.partitioner}+{cfg.aggregator}",
@@ -269,6 +298,8 @@ def evaluation(
         {k: float(v) for k, v in metrics.items()},
         [],
         _tags(context, receraser),
+        started=started,
+        dataset=_data(receraser, "test", csr_fingerprint(test), run.interactions, "evaluation"),
     )
     return MaterializeResult(metadata={k: float(v) for k, v in metrics.items()})
 
@@ -278,7 +309,7 @@ def retrain_model(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
     """One model on all remaining training data: the exact-unlearning baseline (on demand)."""
-    run, cfg = receraser.run_dir(), receraser.pipeline_config()
+    run, cfg, started = receraser.run_dir(), receraser.pipeline_config(), time.time()
     inter = steps.load_interactions(run.interactions)
     res = retrain(inter, cfg.model, model_config(cfg.model, inter.name, {**cfg.model_overrides, "seed": cfg.seed}))
     res.model.save(run.root / "retrain" / "model.pt")
@@ -290,6 +321,8 @@ def retrain_model(
         {**metrics, "wall_seconds": res.record["fit_seconds"]},
         res.record["history"],
         {**_tags(context, receraser), "method": "retrain"},
+        started=started,
+        dataset=_data(receraser, "train", csr_fingerprint(inter.train), run.interactions),
     )
     return MaterializeResult(metadata={**metrics, "fit_seconds": res.record["fit_seconds"]})
 

@@ -31,7 +31,7 @@ from dagster_project.resources import ReceraserResource, ledger_for
 from dagster_project.settings import executor, state_dir
 from pipelines.forget import shard_deletion_versions
 from pipelines.steps import RunDir
-from pipelines.tracking import MlflowTracker, Tracker
+from pipelines.tracking import PARENT_TAG, MlflowTracker, Tracker
 from receraser_core.state_file import integrity
 
 #: The graph, read from the asset definitions (never re-declared): materializable assets in definition order,
@@ -366,19 +366,25 @@ def run_graph(
 
     ``rebuild`` materializes everything: the pretrained embeddings and the partition are recomputed from the
     remaining (redacted) data, which lifts the limit of DESIGN.md section 3.6 at the cost of a full retrain."""
-    if rebuild:
-        return materialize_target(instance, Target("interactions", None, True), rec, tracker, workers, log=log)
     run = rec.run_dir()
-    if all(v == "fresh" for v in graph_status(instance, run=run).values()):
+    if not rebuild and all(v == "fresh" for v in graph_status(instance, run=run).values()):
         log("everything is up to date: nothing to materialize")
         return []
-
-    return materialize_target(
-        instance,
-        Target("interactions", None, True),
-        rec,
-        tracker,
-        workers,
-        statuses=lambda: graph_status(instance, run=run),
-        log=log,
-    )
+    # one MLflow parent run for the job: the runs of its steps nest under it
+    parent = tracker.start_parent(rec.experiment(), "rebuild" if rebuild else "run", {"launched_by": "run"})
+    try:
+        runs = materialize_target(
+            instance,
+            Target("interactions", None, True),
+            rec,
+            tracker,
+            workers,
+            statuses=None if rebuild else lambda: graph_status(instance, run=run),
+            tags={PARENT_TAG: parent},
+            log=log,
+        )
+    except BaseException:
+        tracker.end_parent(parent, failed=True)
+        raise
+    tracker.end_parent(parent)
+    return runs

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from pipelines.forget import (
 )
 from pipelines.ledger import ApplierBusy, Ledger, Request
 from pipelines.steps import load_interactions, load_partition, validation_routes
-from pipelines.tracking import Tracker
+from pipelines.tracking import PARENT_TAG, Tracker
 
 DELETIONS_TAG = "receraser/deletions"  # request ids: MLflow runs are tagged with them, nothing computes from it
 LAUNCHED_BY_TAG = "receraser/launched_by"  # "unlearn" (this process) or "sensor" (the Dagster daemon)
@@ -94,6 +95,17 @@ class _Recording:
         rid = self.inner.log_run(*args, **kwargs)
         self.ids.append(rid)
         return rid
+
+    def start_parent(self, experiment: str, name: str, tags: dict[str, str]) -> str:
+        rid = self.inner.start_parent(experiment, name, tags)
+        self.ids.append(rid)
+        return rid
+
+    def end_parent(self, run_id: str, failed: bool = False) -> None:
+        self.inner.end_parent(run_id, failed)
+
+    def register_model(self, name: str, run_id: str, model_dir: Path, tags: dict[str, str], forgotten: str) -> str:
+        return self.inner.register_model(name, run_id, model_dir, tags, forgotten)
 
 
 @dataclass
@@ -226,9 +238,12 @@ def _apply_outstanding(
     t0 = time.perf_counter()
     recorder = _Recording(tracker)
     runs: list[str] = []
+    # one MLflow parent run per batch: the runs of the deletion nest under it in the UI
+    joined = ",".join(map(str, ids))
+    parent = recorder.start_parent(rec.experiment(), f"unlearn {joined}", {"deletion_requests": joined})
     try:
         batch = prepare_batch(instance, rec, ledger, todo, log)
-        tags = batch.tags("unlearn")
+        tags = {**batch.tags("unlearn"), PARENT_TAG: parent}
         final = batch.final_run(evaluation=False)
         for spec in [*batch.shard_runs(), *([final] if final else [])]:
             what = f"shard {spec.partition}" if spec.partition is not None else ""
@@ -240,6 +255,7 @@ def _apply_outstanding(
         seconds = {**batch.seconds, "runs": time.perf_counter() - t0 - batch.seconds["redact"]}
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
         ledger.mark_failed(ids, f"{type(exc).__name__}: {exc}")
+        recorder.end_parent(parent, failed=True)
         raise
     # applied: the serving snapshot (written by the aggregator step) no longer holds the records; evaluation
     # follows and is logged, but is not part of the latency of a deletion
@@ -252,6 +268,7 @@ def _apply_outstanding(
     except Exception as exc:  # noqa: BLE001 - the deletion stands; `receraser run` re-evaluates
         log(f"  evaluation failed ({type(exc).__name__}: {exc}); the deletion is applied, rerun `receraser run`")
     seconds["evaluation"] = time.perf_counter() - t3
+    recorder.end_parent(parent)
     seconds["total"] = time.perf_counter() - t0
     log(f"  evaluation done in {seconds['evaluation']:.1f} s")
     return UnlearnReport(ids, batch.records, batch.shards, runs, seconds)

@@ -471,12 +471,27 @@ def load_serving(run: RunDir) -> tuple[Aggregator, sp.csr_matrix]:
     """The model currently serving recommendations, and the training matrix it was built on."""
     if not run.serving.exists():
         raise DataError(f"{run.serving}: no model has been built yet; run `receraser run` first")
-    state = load_state(run.serving, "serving snapshot")
+    return load_serving_file(run.serving)
+
+
+def load_serving_file(path: Path) -> tuple[Aggregator, sp.csr_matrix]:
+    """A serving snapshot (``serving.pt`` or a copy of it) as a model and its training matrix."""
+    state = load_state(path, "serving snapshot")
     cfg = PipelineConfig.from_dict(state["config"])
     agg = AGGREGATORS[cfg.aggregator].restore(ShardStack.restore(state["stack"]), cfg.agg_config(), state["state"])
     if state["graph"] is not None:
         agg.set_graph(state["graph"])
     return agg, state["train"]
+
+
+def top_items(score: Callable[[torch.Tensor], torch.Tensor], train: sp.csr_matrix, u: int, n: int) -> list[int]:
+    """The n best items of user u by ``score`` (an aggregator's `scorer()`), the user's training items masked
+    (fewer when fewer are left to rank)."""
+    scores = score(torch.tensor([u]))[0].clone()
+    seen = train.indices[train.indptr[u] : train.indptr[u + 1]]
+    scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
+    rankable = len(scores) - len(np.unique(seen))
+    return [int(i) for i in torch.topk(scores, min(n, rankable)).indices]
 
 
 def evaluate_run(

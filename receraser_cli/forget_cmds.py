@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from receraser_cli.dagster_jobs import _context, add_pipeline_arguments, apply_pipeline_env
@@ -137,7 +136,7 @@ def _positive(text: str) -> int:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     apply_pipeline_env(args)
-    from pipelines.steps import load_interactions, load_serving
+    from pipelines.steps import load_interactions, load_serving, top_items
     from receraser_core.data.readers import load_titles
 
     _, run = _run_dir()
@@ -148,11 +147,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     except KeyError as exc:
         raise DataError(str(exc.args[0])) from None
     with torch.no_grad():
-        scores = agg.score(torch.tensor([u]))[0].clone()
+        scores = agg.score(torch.tensor([u]))[0]
+        top = top_items(lambda users: scores.unsqueeze(0), train, u, args.n)  # training items never recommended
     seen = train.indices[train.indptr[u] : train.indptr[u + 1]]
-    scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
-    rankable = len(scores) - len(np.unique(seen))  # training items are never recommended
-    top = torch.topk(scores, min(args.n, rankable)).indices.tolist()
     titles = load_titles(inter)
     print(f"top {len(top)} for user {args.user} ({len(seen)} training items masked):")
     for rank, i in enumerate(top, start=1):
