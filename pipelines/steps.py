@@ -479,6 +479,20 @@ def load_serving(run: RunDir) -> tuple[Aggregator, sp.csr_matrix]:
     return agg, state["train"]
 
 
+def top_items(
+    score: Callable[[torch.Tensor], torch.Tensor], train: sp.csr_matrix, u: int, n: int
+) -> tuple[list[int], torch.Tensor, int]:
+    """User ``u``'s top-``n`` item indices, best first, with its training items masked (fewer when fewer are left
+    to rank); also its (n_items,) scores, masked ones -inf, and how many training items were masked.
+    ``score`` maps (users,) to (users, n_items), as `Aggregator.score` and `Aggregator.scorer()` do."""
+    with torch.no_grad():
+        scores = score(torch.tensor([u]))[0].clone()  # (n_items,)
+    seen = train.indices[train.indptr[u] : train.indptr[u + 1]]
+    scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
+    rankable = len(scores) - len(np.unique(seen))  # training items are never recommended
+    return torch.topk(scores, min(n, rankable)).indices.tolist(), scores, len(seen)
+
+
 def evaluate_run(
     run: RunDir, cfg: PipelineConfig, log: Log = _quiet, agg: Aggregator | None = None
 ) -> dict[str, float]:
