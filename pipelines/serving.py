@@ -306,6 +306,8 @@ def _problem(e: dict[str, Any]) -> str:
     """One validation error as 'where: what' (the JSON body's own syntax error as such)."""
     if e["type"] == "json_invalid":
         return f"the body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})"
+    if tuple(e["loc"]) == ("body",) and e["type"] in ("model_attributes_type", "dict_type"):
+        return "the body must be a JSON object, sent with 'Content-Type: application/json'"
     return f"{'.'.join(map(str, e['loc'][1:])) or e['loc'][0]}: {e['msg']}"
 
 

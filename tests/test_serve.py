@@ -153,6 +153,7 @@ def test_forget_needs_the_token_and_valid_input(server: Server) -> None:
         {"user": "nobody", "all": True},
         {"user": "u1", "item": item, "extra": 1},
         b"{not json",
+        ["u1", item],
     ]
     for body in bad:
         status, _, text = _call(f"{server.url}/forget", server.token, body)
