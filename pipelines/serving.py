@@ -332,21 +332,29 @@ def create_app(service: Service) -> FastAPI:
     )
     app.add_middleware(PinView, service=service)
 
+    unauthorized = HTTPException(
+        401,
+        "missing or wrong bearer token: send 'Authorization: Bearer TOKEN' with the token `receraser serve` names "
+        "at start",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+    def valid(token: str | None) -> bool:
+        return token is not None and secrets.compare_digest(token.encode(), service.token.encode())
+
     def authorized(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
-        if cred is None or not secrets.compare_digest(cred.credentials.encode(), service.token.encode()):
-            raise HTTPException(
-                401,
-                "missing or wrong bearer token: send 'Authorization: Bearer TOKEN' with the token `receraser "
-                "serve` names at start",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        if not valid(cred.credentials if cred else None):
+            raise unauthorized
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def bad_input(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def bad_input(request: Request, exc: RequestValidationError) -> JSONResponse:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if request.method == "POST" and not valid(token if scheme.lower() == "bearer" else None):
+            return await http_error(request, unauthorized)  # FastAPI reads a POST's JSON before the token check
         return _error(422, "; ".join(map(_problem, exc.errors())))
 
     @app.get("/recommend", response_model=Recommendations)

@@ -146,6 +146,7 @@ def test_forget_needs_the_token_and_valid_input(server: Server) -> None:
         status, headers, text = _call(f"{server.url}/forget", token, good)
         assert status == 401 and "bearer token" in _one_line_error(text) and headers["www-authenticate"] == "Bearer"
         assert _call(f"{server.url}/requests/1", token)[0] == 401
+        assert _call(f"{server.url}/forget", token, b"{not json")[0] == 401  # the token is checked first
     bad: list[object | bytes] = [
         {"user": "u1"},  # neither item nor all
         {"user": "u1", "item": item, "all": True},
