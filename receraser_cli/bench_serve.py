@@ -28,6 +28,7 @@ import numpy as np
 from receraser_cli.bench_common import bench_settings, write_record
 from receraser_cli.dagster_jobs import _context, add_pipeline_arguments
 from receraser_cli.forget_cmds import _positive
+from receraser_cli.serve import _seconds
 
 GOAL_P99_MS = 50.0
 
@@ -416,10 +417,10 @@ def add_serve_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=_positive, default=200, help="requests per second (default 200)")
     p.add_argument("--duration", type=_positive, default=60, help="least seconds of load (default 60)")
     p.add_argument("--deletions", type=_positive, default=2, help="deletions filed and applied (default 2)")
-    p.add_argument("--before", type=float, default=15.0, help="seconds of load before the first (default 15)")
+    p.add_argument("--before", type=float, default=15.0, help="seconds of load before the first deletion (default 15)")
     p.add_argument("--after", type=float, default=10.0, help="seconds of load after each swap (default 10)")
     p.add_argument("-n", type=_positive, default=20, help="items per request (default 20)")
-    p.add_argument("--poll", type=float, default=0.5, help="the service's --poll (default 0.5 s)")
+    p.add_argument("--poll", type=_seconds, default=0.5, help="the service's --poll (default 0.5 s)")
     p.add_argument("--user", help="the fixed user whose top-20 is checked (default: a random one)")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the users and deletions drawn")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads of this process (default: torch's)")
