@@ -102,6 +102,25 @@ def check_request(inter: Interactions, req: NewRequest) -> int:
     return n
 
 
+def file_requests(ledger: Ledger, inter: Interactions, requests: Sequence[NewRequest]) -> list[tuple[int, bool, int]]:
+    """Check every request against the stored data, then record them all in one transaction; returns
+    (request id, is new, stored records it names) per request. A request already applied or applying is
+    recognised (by keyed hash) and not checked again: its records are gone. The first bad request raises one
+    `ForgetError` line, and nothing is recorded. `receraser forget` and the service's POST /forget both call this."""
+    records = []
+    for n, req in enumerate(requests, start=1):  # validate everything before writing anything
+        prior = ledger.find(req)
+        if prior is not None and prior.status in ("applied", "applying"):
+            records.append(prior.records)
+            continue
+        try:
+            records.append(check_request(inter, req))
+        except ForgetError as exc:
+            where = f"request {n}: " if len(requests) > 1 else ""
+            raise ForgetError(f"{where}{exc}; nothing was recorded") from None
+    return [(rid, new, n) for (rid, new), n in zip(ledger.add(requests, records), records, strict=True)]
+
+
 def _without_requests(m: sp.csr_matrix, inter: Interactions, requests: Sequence[Request]) -> sp.csr_matrix:
     """A validation or test matrix minus the pairs the requests name (found by id, so idempotent)."""
     drop = np.unique(np.concatenate([_hits(m, inter, r) for r in requests] or [np.zeros(0, np.int64)]))

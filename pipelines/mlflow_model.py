@@ -33,7 +33,7 @@ class RecEraserModel(PythonModel):
         with torch.no_grad():
             for user, n in zip(users, ns, strict=True):
                 u = self.index.get(user)
-                top = [] if u is None else top_items(self.score, self.train, u, n)
+                top = [] if u is None else top_items(self.score, self.train, u, n)[0]
                 out.append([str(self.item_ids[i]) for i in top])
         return out
 

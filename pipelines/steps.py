@@ -484,14 +484,18 @@ def load_serving_file(path: Path) -> tuple[Aggregator, sp.csr_matrix]:
     return agg, state["train"]
 
 
-def top_items(score: Callable[[torch.Tensor], torch.Tensor], train: sp.csr_matrix, u: int, n: int) -> list[int]:
-    """The n best items of user u by ``score`` (an aggregator's `scorer()`), the user's training items masked
-    (fewer when fewer are left to rank)."""
-    scores = score(torch.tensor([u]))[0].clone()
+def top_items(
+    score: Callable[[torch.Tensor], torch.Tensor], train: sp.csr_matrix, u: int, n: int
+) -> tuple[list[int], torch.Tensor, int]:
+    """User ``u``'s top-``n`` item indices, best first, with its training items masked (fewer when fewer are left
+    to rank); also its (n_items,) scores, masked ones -inf, and how many training items were masked.
+    ``score`` maps (users,) to (users, n_items), as `Aggregator.score` and `Aggregator.scorer()` do."""
+    with torch.no_grad():
+        scores = score(torch.tensor([u]))[0].clone()  # (n_items,)
     seen = train.indices[train.indptr[u] : train.indptr[u + 1]]
     scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
-    rankable = len(scores) - len(np.unique(seen))
-    return [int(i) for i in torch.topk(scores, min(n, rankable)).indices]
+    rankable = len(scores) - len(np.unique(seen))  # training items are never recommended
+    return torch.topk(scores, min(n, rankable)).indices.tolist(), scores, len(seen)
 
 
 def evaluate_run(

@@ -160,6 +160,10 @@ def add_bench_parser(sub: argparse._SubParsersAction, add_data_args: Callable[[a
 
     add_audit_parser(bench_sub)
 
+    from receraser_cli.bench_serve import add_serve_bench_parser
+
+    add_serve_bench_parser(bench_sub)
+
     rp = bench_sub.add_parser("report", help="regenerate docs/results.md and its figures from the committed JSON")
     rp.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     rp.add_argument("--out", type=Path, default=Path("docs"))

@@ -29,7 +29,7 @@ SPLIT_NAMES = (("train", "training"), ("valid", "validation"), ("test", "test"))
 def cmd_forget(args: argparse.Namespace) -> int:
     apply_pipeline_env(args)
     from dagster_project.unlearn import ledger_for
-    from pipelines.forget import ForgetError, check_request, read_request_file, split_counts
+    from pipelines.forget import ForgetError, file_requests, read_request_file, split_counts
     from pipelines.ledger import NewRequest
     from pipelines.steps import load_interactions
 
@@ -45,18 +45,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         requests = [NewRequest(kind, str(args.user), "" if args.all else str(args.item), args.reason or "")]
     inter = load_interactions(run.interactions)
     ledger = ledger_for(rec)
-    records = []
-    for n, req in enumerate(requests, start=1):  # validate everything before writing anything
-        prior = ledger.find(req)
-        if prior is not None and prior.status in ("applied", "applying"):
-            records.append(prior.records)
-            continue
-        try:
-            records.append(check_request(inter, req))
-        except ForgetError as exc:
-            where = f"request {n}: " if len(requests) > 1 else ""
-            raise ForgetError(f"{where}{exc}; nothing was recorded") from None
-    for (rid, new), req, n in zip(ledger.add(requests, records), requests, records, strict=True):
+    for (rid, new, n), req in zip(file_requests(ledger, inter, requests), requests, strict=True):
         what = f"user {req.user_id}" + (f", item {req.item_id}" if req.kind == "interaction" else " (all records)")
         state = "recorded" if new else f"already recorded ({ledger.get([rid])[0].status})"
         split = split_counts(inter, req)
@@ -146,12 +135,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         u = inter.user_index(args.user)
     except KeyError as exc:
         raise DataError(str(exc.args[0])) from None
-    with torch.no_grad():
-        scores = agg.score(torch.tensor([u]))[0]
-        top = top_items(lambda users: scores.unsqueeze(0), train, u, args.n)  # training items never recommended
-    seen = train.indices[train.indptr[u] : train.indptr[u + 1]]
+    top, scores, masked = top_items(agg.score, train, u, args.n)
     titles = load_titles(inter)
-    print(f"top {len(top)} for user {args.user} ({len(seen)} training items masked):")
+    print(f"top {len(top)} for user {args.user} ({masked} training items masked):")
     for rank, i in enumerate(top, start=1):
         title = f"  {titles[i]}" if titles else ""
         print(f"{rank:>3}. item {inter.item_ids[i]}{title}  (score {float(scores[i]):.3f})")

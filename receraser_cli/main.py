@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_forget_parsers(sub)
 
+    from receraser_cli.serve import add_serve_parser
+
+    add_serve_parser(sub)
+
     from receraser_cli.bench import add_bench_parser
 
     add_bench_parser(sub, _add_data_args)

@@ -31,7 +31,7 @@ def _top(run_dir: Path, user: str, n: int) -> list[str]:
     run = RunDir(run_dir)
     inter = load_interactions(run.interactions)
     agg, train = load_serving(run)
-    return [str(inter.item_ids[i]) for i in top_items(agg.scorer(), train, inter.user_index(user), n)]
+    return [str(inter.item_ids[i]) for i in top_items(agg.scorer(), train, inter.user_index(user), n)[0]]
 
 
 def test_runs_registry_and_forgotten_versions(tmp_path: Path) -> None:
