@@ -68,6 +68,7 @@ class MemoryTracker:
 
     runs: list[dict[str, Any]] = field(default_factory=list)
     versions: list[dict[str, Any]] = field(default_factory=list)
+    parents: list[dict[str, Any]] = field(default_factory=list)  # the runs that group a job's or a batch's runs
 
     def log_run(
         self,
@@ -98,10 +99,12 @@ class MemoryTracker:
         return run_id
 
     def start_parent(self, experiment: str, name: str, tags: dict[str, str]) -> str:
-        return self.log_run(experiment, name, {}, {}, [], {**tags, "parent": "open"}, started=time.time())
+        run_id = f"mem-parent-{len(self.parents)}"
+        self.parents.append({"id": run_id, "experiment": experiment, "name": name, "tags": {**tags, "parent": "open"}})
+        return run_id
 
     def end_parent(self, run_id: str, failed: bool = False) -> None:
-        run = next(r for r in self.runs if r["id"] == run_id)
+        run = next(r for r in self.parents if r["id"] == run_id)
         run["tags"]["parent"] = "failed" if failed else "finished"
         run["ended"] = time.time()
 

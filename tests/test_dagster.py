@@ -130,6 +130,7 @@ def test_graph_in_process_one_shard_and_staleness(tmp_path: Path) -> None:
         assert set(graph_status(instance).values()) == {"fresh"}
         # one MLflow-style run per shard model, aggregator and evaluation
         names = [r["name"] for r in tracker.runs]
+        assert [p["name"] for p in tracker.parents] == ["run"]  # the job's parent run
         assert sorted(names) == sorted(
             [f"shard_model[{k}]" for k in range(K)] + ["aggregator", "evaluation inbp+attention"]
         )
