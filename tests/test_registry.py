@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -103,7 +104,11 @@ def test_runs_registry_and_forgotten_versions(tmp_path: Path) -> None:
         mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
         cmd = [mlflow_bin, "models", "serve", "-m", f"models:/{name}@{registry.ALIAS}", "--env-manager", "local"]
         proc = subprocess.Popen(
-            [*cmd, "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            [*cmd, "-h", "127.0.0.1", "-p", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: mlflow runs uvicorn under a shell
         )
         try:
             body = json.dumps({"dataframe_records": [{"user": user, "n": 5}]}).encode()
@@ -120,5 +125,5 @@ def test_runs_registry_and_forgotten_versions(tmp_path: Path) -> None:
             assert answer is not None, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
             assert answer["predictions"] == [expected]
         finally:
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
