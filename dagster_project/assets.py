@@ -261,21 +261,23 @@ def aggregator(
     # a new version of the configuration's registered model, now `production` (it is what serves)
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        version = tracker.register_model(
+        model_version = tracker.register_model(
             registry.model_name(run),
             run_id,
             registry.save_pyfunc(run, inter, Path(tmp)),
             {k: v for k, v in tags.items() if k in ("dagster_run_id", "config", "method", "deletion_requests")},
             tags.get("deletion_requests", ""),
         )
-    context.log.info(f"registered {registry.model_name(run)} version {version} in {time.perf_counter() - t1:.2f} s")
+    register_seconds = time.perf_counter() - t1
+    context.log.info(f"registered {registry.model_name(run)} version {model_version} in {register_seconds:.2f} s")
     version = _params_version(agg.state_dict()) if agg.state_dict() else _hash_arrays(agg.stack.users.numpy())
     return MaterializeResult(
         metadata={
             "epochs": len(fit["history"]),
             "fit_seconds": seconds,
             "valid_recall@10": float(fit["best_valid_recall@10"]),
-            "registered_model": f"{registry.model_name(run)} version {version}",
+            "registered_model": f"{registry.model_name(run)} version {model_version}",
+            "register_seconds": register_seconds,
         },
         data_version=DataVersion(version),
     )

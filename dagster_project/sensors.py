@@ -6,7 +6,8 @@ Each tick does one of three things, from the ledger and the runs it launched:
   affected shard but the last (`shard_data` + `shard_model` of that partition);
 - those runs succeeded: request the last shard's run, which also rebuilds the aggregator and evaluation;
 - that run succeeded: mark the requests applied (a failed run marks them failed; `receraser unlearn` retries).
-Run keys make every request idempotent: a tick that repeats one does not start a second run.
+Run keys make every request idempotent: a tick that repeats one does not start a second run. As with `receraser
+unlearn`, the batch's MLflow runs nest under one parent run, `unlearn <request ids>`, which the last tick ends.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dagster import (
     AssetKey,
     DagsterRunStatus,
     DefaultSensorStatus,
+    ResourceParam,
     RunRequest,
     RunsFilter,
     SensorEvaluationContext,
@@ -29,20 +31,21 @@ from dagster_project.assets import aggregator, evaluation, shard_data, shard_mod
 from dagster_project.resources import ReceraserResource, ledger_for
 from dagster_project.unlearn import DELETIONS_TAG, Batch, RunSpec, prepare_batch, sensor_runs_in_flight
 from pipelines.ledger import ApplierBusy
+from pipelines.tracking import PARENT_TAG, Tracker
 
 STAGE_TAG = "receraser/stage"
 
 
-def _request(batch: Batch, spec: RunSpec, stage: str) -> RunRequest:
+def _request(batch: Batch, spec: RunSpec, stage: str, parent: str) -> RunRequest:
     return RunRequest(
         run_key=f"{batch.key}-{stage}",
         asset_selection=[AssetKey(name) for name in spec.assets],
         partition_key=spec.partition,
-        tags={**batch.tags("sensor"), STAGE_TAG: stage},
+        tags={**batch.tags("sensor"), STAGE_TAG: stage, PARENT_TAG: parent},
     )
 
 
-def _start(context: SensorEvaluationContext, rec: ReceraserResource) -> SensorResult | SkipReason:
+def _start(context: SensorEvaluationContext, rec: ReceraserResource, tracker: Tracker) -> SensorResult | SkipReason:
     ledger = ledger_for(rec)
     pending = ledger.get(statuses=["pending"])
     if not pending:
@@ -54,28 +57,36 @@ def _start(context: SensorEvaluationContext, rec: ReceraserResource) -> SensorRe
             batch = prepare_batch(context.instance, rec, ledger, pending, context.log.info)
     except ApplierBusy as exc:
         return SkipReason(str(exc))
-    cursor = json.dumps({"ids": batch.ids, "shards": batch.shards, "records": batch.records, "agg": batch.aggregator})
-    requests = [_request(batch, spec, f"shard-{spec.partition}") for spec in batch.shard_runs()]
+    joined = ",".join(map(str, batch.ids))
+    parent = tracker.start_parent(rec.experiment(), f"unlearn {joined}", {"deletion_requests": joined})
+    state = {"ids": batch.ids, "shards": batch.shards, "records": batch.records, "agg": batch.aggregator}
+    requests = [_request(batch, spec, f"shard-{spec.partition}", parent) for spec in batch.shard_runs()]
     if not requests:  # one shard (or none): the whole batch is one run
-        requests = [_request(batch, spec, "final") for spec in [batch.final_run(evaluation=True)] if spec]
-    return SensorResult(run_requests=requests, cursor=cursor)
+        requests = [_request(batch, spec, "final", parent) for spec in [batch.final_run(evaluation=True)] if spec]
+    return SensorResult(run_requests=requests, cursor=json.dumps({**state, "parent": parent}))
 
 
-def _follow(context: SensorEvaluationContext, rec: ReceraserResource, batch: Batch) -> SensorResult | SkipReason:
+def _follow(
+    context: SensorEvaluationContext, rec: ReceraserResource, tracker: Tracker, batch: Batch, parent: str
+) -> SensorResult | SkipReason:
     ledger = ledger_for(rec)
     runs = context.instance.get_runs(filters=RunsFilter(tags={DELETIONS_TAG: ",".join(map(str, batch.ids))}))
     failed = [r for r in runs if r.status in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)]
     if failed:
         ledger.mark_failed(batch.ids, f"Dagster run {failed[0].run_id} failed; `receraser unlearn` retries")
+        if parent:
+            tracker.end_parent(parent, failed=True)
         return SensorResult(skip_reason=f"run {failed[0].run_id[:8]} failed; requests marked failed", cursor="")
     done = {r.tags.get(STAGE_TAG) for r in runs if r.status == DagsterRunStatus.SUCCESS}
     if "final" in done:
         ledger.mark_applied(batch.ids, [r.run_id for r in runs], [])
+        if parent:
+            tracker.end_parent(parent)
         return SensorResult(skip_reason=f"applied request(s) {batch.ids}", cursor="")
     shard_stages = {f"shard-{spec.partition}" for spec in batch.shard_runs()}
     final = batch.final_run(evaluation=True)
-    if shard_stages <= done and final is not None:
-        return SensorResult(run_requests=[_request(batch, final, "final")])  # run key: requested once
+    if shard_stages <= done and final is not None:  # run key: requested once
+        return SensorResult(run_requests=[_request(batch, final, "final", parent)])
     return SkipReason(f"applying request(s) {batch.ids}: waiting for their runs")
 
 
@@ -84,16 +95,19 @@ def _follow(context: SensorEvaluationContext, rec: ReceraserResource, batch: Bat
     minimum_interval_seconds=15,
     default_status=DefaultSensorStatus.RUNNING,
 )
-def deletion_sensor(context: SensorEvaluationContext, receraser: ReceraserResource) -> SensorResult | SkipReason:
+def deletion_sensor(
+    context: SensorEvaluationContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
+) -> SensorResult | SkipReason:
     """Apply pending deletion requests through runs of the affected shards (failed ones wait for
     `receraser unlearn`)."""
     state = json.loads(context.cursor) if context.cursor else None
     applying = [r.id for r in ledger_for(receraser).get(statuses=["applying"])]
     if state and state["ids"] == applying:
-        return _follow(context, receraser, Batch(state["ids"], state["shards"], state["records"], state["agg"]))
+        batch = Batch(state["ids"], state["shards"], state["records"], state["agg"])
+        return _follow(context, receraser, tracker, batch, state.get("parent", ""))
     if applying:
         return SkipReason(
             f"request(s) {applying} are being applied outside this sensor (or were interrupted: run "
             "`receraser unlearn`)"
         )
-    return _start(context, receraser)
+    return _start(context, receraser, tracker)

@@ -26,7 +26,8 @@ class RecEraserModel(PythonModel):
         self.index = {str(u): i for i, u in enumerate(self.user_ids)}
         self.score = agg.scorer()
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[list[str]]:
+    # untyped on purpose: MLflow reads a predict's type hints as a schema, and a table has none it accepts
+    def predict(self, context, model_input, params=None):
         users = [str(u) for u in model_input["user"]]
         ns = [int(n) for n in model_input["n"]] if "n" in model_input else [20] * len(users)
         out = []

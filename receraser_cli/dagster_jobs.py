@@ -84,6 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dagster_project.resources import ledger_for
     from dagster_project.settings import state_dir
     from dagster_project.unlearn import unlearn_pending
+    from pipelines import registry
 
     t0 = time.perf_counter()
     instance, rec, tracker = _context()
@@ -109,6 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"Dagster instance : {os.environ['DAGSTER_HOME']}   (UI: dagster dev -w workspace.yaml)")
     print(f"MLflow store     : {tracker.tracking_uri if hasattr(tracker, 'tracking_uri') else tracker}")
     print(f"                   (UI: mlflow ui --backend-store-uri {getattr(tracker, 'tracking_uri', '')} --workers 1)")
+    if hasattr(tracker, "tracking_uri"):  # MLflow's Model Registry: the version now serving
+        print(f"registered model : models:/{registry.model_name(run_dir)}@{registry.ALIAS}")
     print(f"run directory    : {run_dir.root}")
     print(f"state directory  : {state_dir()}")
     return 0

@@ -155,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # MLflow's INFO lines (creating its database tables) are noise on the command line; $MLFLOW_LOGGING_LEVEL wins
+    # MLflow's INFO lines (creating its database tables) and its progress bars (copying the registered model's
+    # three files at every aggregator build) are noise on the command line; the user's own settings win
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

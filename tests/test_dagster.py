@@ -220,6 +220,7 @@ def test_cli_run_is_idempotent_and_native_dagster_cli_works(tmp_path: Path) -> N
     first = _cli(["run", "--executor", "multiprocess"], env)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "Recall@N" in first.stdout and "MLflow store" in first.stdout and "mlflow ui" in first.stdout
+    assert "registered model : models:/receraser-" in first.stdout
     second = _cli(["run"], env)
     assert second.returncode == 0 and "nothing to materialize" in second.stdout
     assert "0 Dagster run(s)" in second.stdout

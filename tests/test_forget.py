@@ -319,7 +319,8 @@ def test_sensor_turns_a_batch_into_runs_of_the_affected_shards(tmp_path: Path) -
         run_graph(instance, rec, tracker, log=lambda _: None)
 
         def tick(cursor: str | None = None) -> Any:
-            return deletion_sensor(build_sensor_context(instance=instance, cursor=cursor), receraser=rec)
+            context = build_sensor_context(instance=instance, cursor=cursor)
+            return deletion_sensor(context, receraser=rec, tracker=tracker)
 
         assert tick().__class__.__name__ == "SkipReason"
         before = {k: run.shard_model(k).read_bytes() for k in range(K)}
@@ -349,6 +350,11 @@ def test_sensor_turns_a_batch_into_runs_of_the_affected_shards(tmp_path: Path) -
         assert not third.run_requests and third.cursor == ""
         assert all(r.status == "applied" and len(r.dagster_runs) == 2 for r in ledger_for(rec).get())
         assert set(graph_status(instance).values()) == {"fresh"}
+        # the batch's MLflow runs nest under one parent run, ended by the tick that saw the last run succeed
+        parent = tracker.parents[-1]
+        assert parent["name"] == "unlearn 1,2" and parent["tags"]["parent"] == "finished"
+        nested = {r["name"] for r in tracker.runs if r["tags"].get("mlflow.parentRunId") == parent["id"]}
+        assert {"shard_model[0]", "shard_model[2]", "aggregator"} <= nested
         assert run.shard_model(1).read_bytes() == before[1]  # the untouched shard: not retrained
         assert all(run.shard_model(k).read_bytes() != before[k] for k in (0, 2))
         assert len(instance.get_runs(filters=RunsFilter(tags={"receraser/deletions": "1,2"}))) == 2

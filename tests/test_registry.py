@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pandas as pd
-from dagster import instance_for_test
+from dagster import AssetKey, instance_for_test
 
 from dagster_project.orchestrate import run_graph
 from dagster_project.unlearn import ledger_for, unlearn_pending
@@ -90,6 +90,8 @@ def test_runs_registry_and_forgotten_versions(tmp_path: Path) -> None:
         old = client.get_model_version(name, "1")
         assert old.tags["contains_forgotten_requests"] == "1" and old.tags["artifacts"] == "deleted"
         assert not v1_dir.exists() and Path(v2.source.removeprefix("file://"), "MLmodel").exists()
+        meta = instance.get_latest_materialization_event(AssetKey("aggregator")).asset_materialization.metadata
+        assert meta["registered_model"].value == f"{name} version 2" and meta["register_seconds"].value > 0
         batch = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "unlearn 1"]
         assert len(batch) == 1 and batch[0].info.status == "FINISHED"
         nested = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{batch[0].info.run_id}'")
