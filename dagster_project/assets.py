@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from dagster import (
     AssetExecutionContext,
-    AssetKey,
     AssetsDefinition,
     BetaWarning,
     DagsterError,
@@ -23,13 +22,14 @@ from dagster import (
     MaterializeResult,
     ResourceParam,
     SourceAsset,
+    StaticPartitionsDefinition,
     asset,
     observable_source_asset,
 )
 
-from dagster_project.partitions import PIPELINE, shard_partitions
 from dagster_project.resources import ReceraserResource, ledger_for
 from pipelines import registry, steps
+from pipelines.config import PipelineConfig
 from pipelines.forget import reapply_ledger, shard_deletion_versions
 from pipelines.retrain import model_config, retrain
 from pipelines.tracking import PARENT_TAG, DatasetRef, Tracker
@@ -37,20 +37,10 @@ from receraser_core.data.interactions import csr_fingerprint
 from receraser_core.state_file import integrity, load_state
 
 GROUP = "receraser"
-#: Every asset's code version carries the pipeline configuration: changing the dataset, model, partitioner,
-#: K, seeds or overrides makes the whole graph stale (each configuration has its own run directory).
-CONFIG = PIPELINE.fingerprint()[:12]
 
 
 def _settings_hash(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-#: ...and the resolved training settings (the code's defaults included), so that a release that changes a
-#: default (say, the aggregator's epochs) marks the affected assets stale instead of reporting old models fresh.
-SHARD_SETTINGS = _settings_hash(steps.shard_model_config(PIPELINE, PIPELINE.dataset, 0))  # seeds: in CONFIG
-AGG_SETTINGS = _settings_hash(dataclasses.asdict(PIPELINE.agg_config()))
-RETRAIN_SETTINGS = _settings_hash(model_config(PIPELINE.model, PIPELINE.dataset, PIPELINE.model_overrides))
 
 
 def _hash_arrays(*arrays: Any) -> str:
@@ -107,7 +97,6 @@ def _params(rec: ReceraserResource, **extra: Any) -> dict[str, Any]:
     }
 
 
-@asset(group_name=GROUP, code_version=f"interactions-{CONFIG}")
 def interactions(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """The dataset, id-mapped and split into train / valid / test (minus applied deletions)."""
     run = receraser.run_dir()
@@ -128,7 +117,6 @@ def interactions(context: AssetExecutionContext, receraser: ReceraserResource) -
     )
 
 
-@asset(group_name=GROUP, deps=[interactions], code_version=f"wmf-{CONFIG}")
 def wmf_embeddings(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """Pretrained WMF user and item vectors, used only to partition."""
     u, i = steps.pretrain(receraser.run_dir(), receraser.pipeline_config(), context.log.info)
@@ -138,11 +126,6 @@ def wmf_embeddings(context: AssetExecutionContext, receraser: ReceraserResource)
     )
 
 
-@asset(
-    group_name=GROUP,
-    deps=[wmf_embeddings],
-    code_version=f"partition-{CONFIG}",
-)
 def shard_assignment(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """Shard id of every training interaction, with partition diagnostics."""
     part = steps.partition(receraser.run_dir(), receraser.pipeline_config(), context.log.info)
@@ -162,11 +145,6 @@ def shard_assignment(context: AssetExecutionContext, receraser: ReceraserResourc
 warnings.filterwarnings("ignore", category=BetaWarning, message=".*observable_source_asset")
 
 
-@observable_source_asset(
-    group_name=GROUP,
-    partitions_def=shard_partitions,
-    description="What has been deleted from each shard: a version per shard partition, from the deletion ledger.",
-)
 def deletion_requests(receraser: ReceraserResource) -> DataVersionsByPartition:
     """Observed by `receraser unlearn` and the deletion sensor after each redaction (and by the UI's Observe).
 
@@ -175,9 +153,6 @@ def deletion_requests(receraser: ReceraserResource) -> DataVersionsByPartition:
     return DataVersionsByPartition(shard_deletion_versions(ledger_for(receraser), receraser.n_shards))
 
 
-@asset(
-    group_name=GROUP, deps=[shard_assignment, deletion_requests], partitions_def=shard_partitions, code_version=CONFIG
-)
 def shard_data(context: AssetExecutionContext, receraser: ReceraserResource) -> MaterializeResult:
     """Shard k's training interactions (every deletion in shard k already removed) and the validation pairs its
     model early-stops on: the data version covers both, so forgetting a validation record restales its shards."""
@@ -197,12 +172,6 @@ def shard_data(context: AssetExecutionContext, receraser: ReceraserResource) -> 
     )
 
 
-@asset(
-    group_name=GROUP,
-    deps=[shard_data, deletion_requests],
-    partitions_def=shard_partitions,
-    code_version=f"{CONFIG}-m{SHARD_SETTINGS}",
-)
 def shard_model(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -234,9 +203,6 @@ def shard_model(
     )
 
 
-@asset(
-    group_name=GROUP, deps=[shard_model, deletion_requests], code_version=f"{CONFIG}-m{SHARD_SETTINGS}-a{AGG_SETTINGS}"
-)
 def aggregator(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -283,9 +249,6 @@ def aggregator(
     )
 
 
-@asset(
-    group_name=GROUP, deps=[aggregator, deletion_requests], code_version=f"{CONFIG}-m{SHARD_SETTINGS}-a{AGG_SETTINGS}"
-)
 def evaluation(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -306,7 +269,6 @@ def evaluation(
     return MaterializeResult(metadata={k: float(v) for k, v in metrics.items()})
 
 
-@asset(group_name=GROUP, deps=[interactions, deletion_requests], code_version=f"{CONFIG}-r{RETRAIN_SETTINGS}")
 def retrain_model(
     context: AssetExecutionContext, receraser: ReceraserResource, tracker: ResourceParam[Tracker]
 ) -> MaterializeResult:
@@ -329,15 +291,62 @@ def retrain_model(
     return MaterializeResult(metadata={**metrics, "fit_seconds": res.record["fit_seconds"]})
 
 
-ASSETS: list[AssetsDefinition | SourceAsset] = [
-    interactions,
-    wmf_embeddings,
-    shard_assignment,
-    deletion_requests,
-    shard_data,
-    shard_model,
-    aggregator,
-    evaluation,
-    retrain_model,
-]
-ASSET_KEYS = [AssetKey(a.key.path) for a in ASSETS]
+def _make_assets(cfg: PipelineConfig) -> list[AssetsDefinition | SourceAsset]:
+    """The graph for one configuration: its K shard partitions, and code versions that carry the configuration
+    (changing the dataset, model, partitioner, K, seeds or overrides makes the whole graph stale; each
+    configuration has its own run directory) and the resolved training settings (the code's defaults
+    included, so a release that changes a default, say the aggregator's epochs, marks the affected assets
+    stale instead of reporting old models fresh)."""
+    config = cfg.fingerprint()[:12]
+    shard = _settings_hash(steps.shard_model_config(cfg, cfg.dataset, 0))  # seeds: in `config`
+    agg = _settings_hash(dataclasses.asdict(cfg.agg_config()))
+    retrain = _settings_hash(model_config(cfg.model, cfg.dataset, cfg.model_overrides))
+    shards = StaticPartitionsDefinition([str(k) for k in range(cfg.n_shards)])
+    return [
+        asset(group_name=GROUP, code_version=f"interactions-{config}")(interactions),
+        asset(group_name=GROUP, deps=["interactions"], code_version=f"wmf-{config}")(wmf_embeddings),
+        asset(group_name=GROUP, deps=["wmf_embeddings"], code_version=f"partition-{config}")(shard_assignment),
+        observable_source_asset(
+            group_name=GROUP,
+            partitions_def=shards,
+            description="What has been deleted from each shard: a version per shard partition, from the ledger.",
+        )(deletion_requests),
+        asset(
+            group_name=GROUP,
+            deps=["shard_assignment", "deletion_requests"],
+            partitions_def=shards,
+            code_version=config,
+        )(shard_data),
+        asset(
+            group_name=GROUP,
+            deps=["shard_data", "deletion_requests"],
+            partitions_def=shards,
+            code_version=f"{config}-m{shard}",
+        )(shard_model),
+        asset(group_name=GROUP, deps=["shard_model", "deletion_requests"], code_version=f"{config}-m{shard}-a{agg}")(
+            aggregator
+        ),
+        asset(group_name=GROUP, deps=["aggregator", "deletion_requests"], code_version=f"{config}-m{shard}-a{agg}")(
+            evaluation
+        ),
+        asset(group_name=GROUP, deps=["interactions", "deletion_requests"], code_version=f"{config}-r{retrain}")(
+            retrain_model
+        ),
+    ]
+
+
+_BUILT: dict[str, list[AssetsDefinition | SourceAsset]] = {}
+
+
+def build_assets(cfg: PipelineConfig) -> list[AssetsDefinition | SourceAsset]:
+    """The asset graph of a configuration (built once per configuration and process)."""
+    key = cfg.fingerprint()
+    if key not in _BUILT:
+        _BUILT[key] = _make_assets(cfg)
+    return _BUILT[key]
+
+
+#: Asset names in graph order, partitioned ones, and each asset's parents: the same for every configuration.
+_SHAPE = build_assets(PipelineConfig())
+NAMES = [a.key.path[-1] for a in _SHAPE]
+SOURCE_NAMES = {a.key.path[-1] for a in _SHAPE if isinstance(a, SourceAsset)}

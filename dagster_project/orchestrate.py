@@ -25,22 +25,36 @@ from dagster import (
     materialize,
 )
 
-from dagster_project.assets import ASSETS, deletion_requests
-from dagster_project.partitions import shard_partitions
+from dagster_project.assets import NAMES, SOURCE_NAMES, build_assets
 from dagster_project.resources import ReceraserResource, ledger_for
-from dagster_project.settings import executor, state_dir
+from dagster_project.settings import executor
+from pipelines.config import PipelineConfig
 from pipelines.forget import shard_deletion_versions
 from pipelines.steps import RunDir
 from pipelines.tracking import PARENT_TAG, MlflowTracker, Tracker
+from receraser_core.models.base import ConfigError
 from receraser_core.state_file import integrity
 
 #: The graph, read from the asset definitions (never re-declared): materializable assets in definition order,
-#: their parents, and which are shard-partitioned. ``deletion_requests`` is an observed source.
-_DEFS = {a.key.path[-1]: a for a in ASSETS if isinstance(a, AssetsDefinition)}
-ORDER = list(_DEFS)
-SOURCES = {deletion_requests.key.path[-1]}
-PARENTS = {name: [k.path[-1] for k in a.dependency_keys] for name, a in _DEFS.items()}
-PARTITIONED = {name for name, a in _DEFS.items() if a.partitions_def is not None} | SOURCES
+#: their parents, and which are shard-partitioned (the same for every configuration; K and the code versions
+#: are the configuration's). ``deletion_requests`` is an observed source.
+_SHAPE = {a.key.path[-1]: a for a in build_assets(PipelineConfig()) if isinstance(a, AssetsDefinition)}
+ORDER = [n for n in NAMES if n not in SOURCE_NAMES]
+SOURCES = set(SOURCE_NAMES)
+PARENTS = {name: [k.path[-1] for k in a.dependency_keys] for name, a in _SHAPE.items()}
+PARTITIONED = {name for name, a in _SHAPE.items() if a.partitions_def is not None} | SOURCES
+
+
+def shard_keys(cfg: PipelineConfig) -> list[str]:
+    """The shard partition keys of a configuration: ``"0"`` .. ``"K-1"``."""
+    return [str(k) for k in range(cfg.n_shards)]
+
+
+def _code_version(cfg: PipelineConfig, name: str) -> str | None:
+    defs = {a.key.path[-1]: a for a in build_assets(cfg) if isinstance(a, AssetsDefinition)}
+    return defs[name].get_asset_spec().code_version
+
+
 DATA_VERSION_TAG = "dagster/data_version"  # the tags Dagster writes on every event (its REST API's names too)
 CODE_VERSION_TAG = "dagster/code_version"
 DAGSTER_YAML = """\
@@ -96,7 +110,9 @@ def _label(name: str, part: str | None) -> str:
     return f"{name}[{part}]" if part is not None else name
 
 
-def _dagster_status(instance: DagsterInstance, name: str, part: str | None, keys: Sequence[str]) -> str:
+def _dagster_status(
+    instance: DagsterInstance, cfg: PipelineConfig, name: str, part: str | None, keys: Sequence[str]
+) -> str:
     """Dagster's data-version rule, read from its event records: 'missing' without a materialization, 'stale'
     when the asset's code version or the data version of an input differs from what its latest materialization
     recorded, else 'fresh'. (The UI and GraphQL `staleStatusByPartition` answer the same; a test checks it.)"""
@@ -105,7 +121,7 @@ def _dagster_status(instance: DagsterInstance, name: str, part: str | None, keys
         return "missing"
     event = record.asset_event
     recorded = (event.tags or {}).get(CODE_VERSION_TAG) if event is not None else None
-    if recorded != _DEFS[name].get_asset_spec().code_version:
+    if recorded != _code_version(cfg, name):
         return "stale"
     for parent, ppart in _inputs(name, part, keys):
         if _version(_latest(instance, parent, ppart)) != _version(_latest(instance, parent, ppart, record.storage_id)):
@@ -135,20 +151,22 @@ def _files(run: RunDir | None, name: str, part: str | None) -> str:
     return next((s for s in ("missing", "corrupt", "unverified") if s in states), "ok")
 
 
-def graph_status(instance: DagsterInstance, include_retrain: bool = False, run: RunDir | None = None) -> dict[str, str]:
+def graph_status(
+    instance: DagsterInstance, cfg: PipelineConfig, include_retrain: bool = False, run: RunDir | None = None
+) -> dict[str, str]:
     """'missing', 'stale' or 'fresh' for every asset of the graph, partitions as ``shard_model[3]``.
 
     Dagster marks an asset stale when a *direct* input has a new data version (one hop); here staleness is
     transitive, so after shard 3's deletions change, shard_data[3], shard_model[3], aggregator and evaluation
     all read stale."""
-    keys = shard_partitions.get_partition_keys()
+    keys = shard_keys(cfg)
     out: dict[str, str] = {}
     for name in ORDER:
         if name == "retrain_model" and not include_retrain:
             continue
         parts: list[str | None] = list(keys) if name in PARTITIONED else [None]
         for part in parts:
-            state = _dagster_status(instance, name, part, keys)
+            state = _dagster_status(instance, cfg, name, part, keys)
             files = _files(run, name, part) if state != "missing" else "ok"
             if files != "ok":
                 state = files  # recorded by Dagster, but the run directory lost it or it was damaged
@@ -159,9 +177,11 @@ def graph_status(instance: DagsterInstance, include_retrain: bool = False, run: 
     return out
 
 
-def status(instance: DagsterInstance, asset: str, partition: str | None = None, run: RunDir | None = None) -> str:
+def status(
+    instance: DagsterInstance, cfg: PipelineConfig, asset: str, partition: str | None = None, run: RunDir | None = None
+) -> str:
     """'missing', 'stale' (transitively) or 'fresh' for one asset (partition)."""
-    return graph_status(instance, include_retrain=asset == "retrain_model", run=run)[_label(asset, partition)]
+    return graph_status(instance, cfg, include_retrain=asset == "retrain_model", run=run)[_label(asset, partition)]
 
 
 def observe_deletions(
@@ -218,7 +238,7 @@ def selection_names(target: Target) -> list[str]:
     """Asset names the target covers, in graph order (downstream means all descendants)."""
     if not target.downstream:
         return [target.asset]
-    names = {k.path[-1] for k in AssetSelection.assets(target.asset).downstream().resolve(ASSETS)}
+    names = {k.path[-1] for k in AssetSelection.assets(target.asset).downstream().resolve(list(_SHAPE.values()))}
     if target.asset != "retrain_model":
         names.discard("retrain_model")  # the on-demand baseline never rides along with the main graph
     return [n for n in ORDER if n in names]
@@ -241,9 +261,9 @@ def materialize_names(
     # (raise_on_error re-raises it), its stack trace only with RECERASER_VERBOSE
     level = "DEBUG" if os.environ.get("RECERASER_VERBOSE") else "CRITICAL"
     if executor() == "celery":
-        return _execute_on_workers(instance, names, partition, tags or {}, level)
+        return _execute_on_workers(instance, names, rec, partition, tags or {}, level)
     result = materialize(
-        ASSETS,
+        build_assets(rec.pipeline_config()),
         selection=list(names),
         partition_key=partition,
         instance=instance,
@@ -263,19 +283,35 @@ def _root_cause(error: Any) -> str:
 
 
 def _execute_on_workers(
-    instance: DagsterInstance, names: Sequence[str], partition: str | None, tags: dict[str, str], level: str
+    instance: DagsterInstance,
+    names: Sequence[str],
+    rec: ReceraserResource,
+    partition: str | None,
+    tags: dict[str, str],
+    level: str,
 ) -> str:
     """One run of the Definitions' asset job whose steps the workers of its executor (Celery) execute: the code
-    is found through `dagster.reconstructable`, the resources are those of the Definitions (settings and
-    environment), the storage is the instance's (Postgres, in such a deployment)."""
+    is found through `dagster.reconstructable` (the graph of the configuration the workers read from the config
+    file and the environment, which must be ``rec``'s), ``rec`` reaches the steps as the run's resource config,
+    the storage is the instance's (Postgres, in such a deployment)."""
     from dagster import execute_job, reconstructable
 
-    from dagster_project.definitions import asset_job
+    from dagster_project.definitions import asset_job, defs
 
+    loaded = (defs.resources or {}).get("receraser")
+    if not isinstance(loaded, ReceraserResource) or loaded.fingerprint() != rec.fingerprint():
+        raise ConfigError(
+            "with RECERASER_EXECUTOR=celery the workers build the graph from the config file and RECERASER_* "
+            "variables: set the configuration there (the same for the workers), not only on the command line"
+        )
+    fields = {**rec.to_dict(), "state_dir": rec.state_dir, "data_dir": rec.data_dir}
     with execute_job(
         reconstructable(asset_job),
         instance,
-        run_config={"loggers": {"console": {"config": {"log_level": level}}}},
+        run_config={
+            "loggers": {"console": {"config": {"log_level": level}}},
+            "resources": {"receraser": {"config": fields}},
+        },
         tags={**tags, **({"dagster/partition": partition} if partition is not None else {})},
         asset_selection=[AssetKey(n) for n in names],
         raise_on_error=True,
@@ -291,12 +327,11 @@ def _partition_worker(args: tuple[str, list[str], str, dict[str, Any], dict[str,
     home, names, key, rec_fields, tags = args
     import torch
 
-    from dagster_project.resources import default_tracker
-
     torch.set_num_threads(1)
-    os.environ["DAGSTER_HOME"] = home
+    os.environ["DAGSTER_HOME"] = home  # Dagster's own variable: which instance (storage) the process reports to
     instance = DagsterInstance.get()
-    return key, materialize_names(instance, names, ReceraserResource(**rec_fields), default_tracker(), key, tags)
+    rec = ReceraserResource(**rec_fields)
+    return key, materialize_names(instance, names, rec, rec.tracker(), key, tags)
 
 
 def materialize_target(
@@ -328,7 +363,7 @@ def materialize_target(
     if upstream:
         log(f"materializing {', '.join(upstream)}")
         runs.append(materialize_names(instance, upstream, rec, tracker, tags=tags))
-    keys = list(target.partitions or shard_partitions.get_partition_keys()) if parted else []
+    keys = list(target.partitions or shard_keys(rec)) if parted else []
     if "shard_data" in parted:
         observe_deletions(instance, rec)
     stale_parts = set(todo([f"{n}[{k}]" for n in parted for k in keys]))
@@ -336,7 +371,7 @@ def materialize_target(
     if keys and workers > 1:
         log(f"materializing {'+'.join(parted)} for shards {', '.join(keys)} in {workers} processes")
         # the workers log to the default tracker; their first MLflow calls would race to create its database
-        MlflowTracker.in_state_dir(state_dir()).prepare(rec.experiment())
+        MlflowTracker.in_state_dir(rec.state_path()).prepare(rec.experiment())
         jobs = [(os.environ["DAGSTER_HOME"], parted, k, rec.model_dump(), tags or {}) for k in keys]
         with ProcessPoolExecutor(max_workers=workers) as pool:
             for k, run_id in pool.map(_partition_worker, jobs):
@@ -367,7 +402,7 @@ def run_graph(
     ``rebuild`` materializes everything: the pretrained embeddings and the partition are recomputed from the
     remaining (redacted) data, which lifts the limit of DESIGN.md section 3.6 at the cost of a full retrain."""
     run = rec.run_dir()
-    if not rebuild and all(v == "fresh" for v in graph_status(instance, run=run).values()):
+    if not rebuild and all(v == "fresh" for v in graph_status(instance, rec, run=run).values()):
         log("everything is up to date: nothing to materialize")
         return []
     # one MLflow parent run for the job: the runs of its steps nest under it
@@ -379,7 +414,7 @@ def run_graph(
             rec,
             tracker,
             workers,
-            statuses=None if rebuild else lambda: graph_status(instance, run=run),
+            statuses=None if rebuild else lambda: graph_status(instance, rec, run=run),
             tags={PARENT_TAG: parent},
             log=log,
         )

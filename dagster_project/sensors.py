@@ -16,6 +16,7 @@ import json
 
 from dagster import (
     AssetKey,
+    AssetSelection,
     DagsterRunStatus,
     DefaultSensorStatus,
     ResourceParam,
@@ -27,7 +28,6 @@ from dagster import (
     sensor,
 )
 
-from dagster_project.assets import aggregator, evaluation, shard_data, shard_model
 from dagster_project.resources import ReceraserResource, ledger_for
 from dagster_project.unlearn import DELETIONS_TAG, Batch, RunSpec, prepare_batch, sensor_runs_in_flight
 from pipelines.ledger import ApplierBusy
@@ -91,7 +91,7 @@ def _follow(
 
 
 @sensor(
-    target=[shard_data, shard_model, aggregator, evaluation],
+    target=AssetSelection.assets("shard_data", "shard_model", "aggregator", "evaluation"),
     minimum_interval_seconds=15,
     default_status=DefaultSensorStatus.RUNNING,
 )

@@ -1,69 +1,77 @@
-"""Where the project keeps its state and which pipeline configuration the Dagster assets build.
+"""Reading the settings: the one place where the CLI options, the config file and the environment become the
+typed configuration (`ReceraserResource`, whose fields and validation are `pipelines.config.PipelineConfig`'s).
 
-Read once, at code-location load: the number of shards fixes the shard partitions. Sources, later ones win:
-the defaults (the paper's: ML-1M, WMF, InBP, attention, K = 10), the JSON file named by
-``$RECERASER_CONFIG`` (or ``receraser.json`` in the state directory), and ``RECERASER_<FIELD>``
-environment variables (``RECERASER_MODEL=bpr``, ``RECERASER_N_SHARDS=20``, ...).
-"""
+Sources, later ones win: the defaults (the paper's: ML-1M, WMF, InBP, attention, K = 10), the JSON file named by
+``$RECERASER_CONFIG`` (or ``receraser.json`` in the state directory), ``RECERASER_<FIELD>`` environment variables
+(``RECERASER_MODEL=bpr``, ``RECERASER_N_SHARDS=20``, ``RECERASER_MODEL_OVERRIDES='{"lr": 0.01}'``), and the
+command line. Nothing here writes the environment: the result reaches the assets as their resource (or as run
+config: `dagster_project.orchestrate`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dagster_project.resources import ReceraserResource
 from pipelines.config import PipelineConfig
 from receraser_core.data.readers import PROJECT_ROOT
 from receraser_core.models.base import ConfigError
 
 
-def state_dir() -> Path:
-    """``$RECERASER_HOME``, default ``state/`` in the project root."""
-    return Path(os.environ.get("RECERASER_HOME", PROJECT_ROOT / "state")).resolve()
+def state_dir(cli: Path | str | None = None) -> Path:
+    """The state directory: ``--state-dir``, else ``$RECERASER_HOME``, else ``state/`` in the project root."""
+    return Path(cli or os.environ.get("RECERASER_HOME") or PROJECT_ROOT / "state").resolve()
 
 
-def data_dir() -> Path | None:
-    env = os.environ.get("RECERASER_DATA_DIR")
-    return Path(env) if env else None
+def data_dir(cli: Path | str | None = None) -> Path | None:
+    """``--data-dir``, else ``$RECERASER_DATA_DIR``, else None (the readers' default search)."""
+    value = cli or os.environ.get("RECERASER_DATA_DIR")
+    return Path(value).resolve() if value else None
 
 
-def load_pipeline_config() -> PipelineConfig:
-    """The configuration from the file and the environment; a bad value is one `ConfigError` line naming the
-    file or the variable it came from."""
+def _env_value(name: str, kind: Any, text: str) -> Any:
+    if kind in ("int", int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r}: expected an integer") from None
+    if kind in ("str", str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: expected JSON") from None
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None, state: Path | str | None = None, data: Path | str | None = None
+) -> ReceraserResource:
+    """The configuration from defaults, file, environment and ``cli`` (field -> value; None = not given). A bad
+    value is one `ConfigError` line naming where it came from."""
+    home = state_dir(state)
     values: dict[str, Any] = {}
-    path = Path(os.environ.get("RECERASER_CONFIG", state_dir() / "receraser.json"))
+    path = Path(os.environ.get("RECERASER_CONFIG") or home / "receraser.json")
     if path.exists():
         try:
-            values.update(json.loads(path.read_text()))
-            PipelineConfig.from_dict(values)
-        except (ValueError, TypeError, AttributeError) as exc:  # JSON, a field's value, or not an object
+            loaded = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    for f in dataclasses.fields(PipelineConfig):
-        name = f"RECERASER_{f.name.upper()}"
-        env = os.environ.get(name)
-        if env is None:
-            continue
-        try:
-            if f.type in ("int", int):
-                values[f.name] = int(env)
-            elif f.type in ("str", str):
-                values[f.name] = env
-            else:
-                values[f.name] = json.loads(env)
-            PipelineConfig.from_dict(values)
-        except (ValueError, TypeError) as exc:
-            want = "an integer" if f.type in ("int", int) else "a string" if f.type in ("str", str) else "JSON"
-            detail = str(exc) if isinstance(exc, ConfigError) else f"expected {want}"
-            raise ConfigError(f"{name}={env!r}: {detail}") from None
-    return PipelineConfig.from_dict(values)
-
-
-def run_root(cfg: PipelineConfig) -> Path:
-    """The pipeline's run directory: one per configuration, under the state directory."""
-    name = f"{cfg.dataset.replace(':', '_').replace('/', '_')}-{cfg.model}-{cfg.partitioner}-{cfg.aggregator}"
-    return state_dir() / "pipeline" / f"{name}-K{cfg.n_shards}-s{cfg.seed}-{cfg.fingerprint()[:8]}"
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a JSON object of pipeline fields")
+        values.update(loaded)
+        PipelineConfig.from_dict(values, str(path))
+    for name, field in PipelineConfig.model_fields.items():
+        var = f"RECERASER_{name.upper()}"
+        if var in os.environ:
+            values[name] = _env_value(var, field.annotation, os.environ[var])
+            PipelineConfig.from_dict(values, f"{var}={os.environ[var]!r}")
+    given = {k: v for k, v in (cli or {}).items() if v is not None}
+    values.update(given)
+    cfg = PipelineConfig.from_dict(values, "command line" if given else "")
+    return ReceraserResource.from_pipeline_config(cfg, home, data_dir(data))
 
 
 EXECUTORS = ("in_process", "celery")

@@ -7,7 +7,6 @@ shards and per-step seconds.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,17 +40,17 @@ def method_configs(
     for m in methods:
         if m != "retrain":
             p, a = METHODS[m]
-            out.append((m, dataclasses.replace(base, partitioner=p, aggregator=a)))
+            out.append((m, base.replace(partitioner=p, aggregator=a)))
     if ablations:
         for p in ("random", "ubp", "ibp", "inbp"):
-            out.append((f"ablation-partitioner-{p}", dataclasses.replace(base, partitioner=p, aggregator="attention")))
+            out.append((f"ablation-partitioner-{p}", base.replace(partitioner=p, aggregator="attention")))
         for a in ("mean", "static", "attention"):
-            out.append((f"ablation-aggregator-{a}", dataclasses.replace(base, partitioner="inbp", aggregator=a)))
+            out.append((f"ablation-aggregator-{a}", base.replace(partitioner="inbp", aggregator=a)))
         for k in shards:
             out.append(
                 (
                     f"ablation-shards-{k}",
-                    dataclasses.replace(base, partitioner="inbp", aggregator="attention", n_shards=k),
+                    base.replace(partitioner="inbp", aggregator="attention", n_shards=k),
                 )
             )
     return out

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
 from typing import Any
+
+import pydantic
 
 from receraser_core.aggregate import AGGREGATORS, AggConfig
 from receraser_core.models import MODELS, ConfigError
@@ -96,6 +97,8 @@ SHARD_DEFAULTS: dict[str, dict[str, Any]] = {
 #: Upper bound on K whatever the data: each shard is a Dagster partition with its own model file and run. The
 #: data sets a tighter bound (no shard may be empty), checked by `pipelines.steps.check_shards` before any training.
 MAX_SHARDS = 1024
+#: K = 1 is a single model trained on everything: Retrain, not RecEraser.
+MIN_SHARDS = 2
 
 
 def shard_units(partitioner: str, train: Any) -> tuple[int, str]:
@@ -108,9 +111,15 @@ def shard_units(partitioner: str, train: Any) -> tuple[int, str]:
     return int(train.nnz), "interactions"
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Everything that determines a RecEraser model. Same config + data = same model (bit for bit on CPU)."""
+class PipelineConfig(pydantic.BaseModel):
+    """Everything that determines a RecEraser model. Same config + data = same model (bit for bit on CPU).
+
+    The one typed source of the pipeline's defaults and validation: the Dagster resource inherits these fields
+    (`dagster_project.resources.ReceraserResource`), and the CLI options, the config file and the
+    ``RECERASER_<FIELD>`` variables are all read into it (`dagster_project.settings.load_settings`). A bad
+    value fails at construction; `from_dict` turns that into one `ConfigError` line naming the field."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
     dataset: str = "ml-1m"
     model: str = "wmf"
@@ -123,20 +132,62 @@ class PipelineConfig:
     # which validation pairs early-stop a shard: "routed" (each pair steers one shard holding its user and item,
     # so forgetting it retrains one shard), "local" (every shard holding both) or "global" (all, every shard)
     shard_valid: str = "routed"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    agg_overrides: dict[str, Any] = field(default_factory=dict)
+    #: base-model fields that differ from the model's defaults (e.g. ``{"lr": 0.01}``), shards and Retrain alike
+    model_overrides: dict[str, Any] = pydantic.Field(default_factory=dict)
+    #: aggregator training fields that differ from `AGG_DEFAULTS` (`receraser_core.aggregate.AggConfig`)
+    agg_overrides: dict[str, Any] = pydantic.Field(default_factory=dict)
 
-    def validate(self) -> None:
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.partitioner not in PARTITIONERS:
-            raise ConfigError(f"unknown partitioner {self.partitioner!r}; choose one of {', '.join(PARTITIONERS)}")
-        if self.aggregator not in AGGREGATORS:
-            raise ConfigError(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATORS)}")
-        if self.shard_valid not in ("routed", "local", "global"):
-            raise ConfigError(f"shard_valid must be 'routed', 'local' or 'global', got {self.shard_valid!r}")
-        if not 1 <= self.n_shards <= MAX_SHARDS:
-            raise ConfigError(f"n_shards must be between 1 and {MAX_SHARDS}, got {self.n_shards}")
+    @pydantic.field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _one_of("model", v, MODELS)
+
+    @pydantic.field_validator("partitioner")
+    @classmethod
+    def _partitioner(cls, v: str) -> str:
+        return _one_of("partitioner", v, PARTITIONERS)
+
+    @pydantic.field_validator("aggregator")
+    @classmethod
+    def _aggregator(cls, v: str) -> str:
+        return _one_of("aggregator", v, AGGREGATORS)
+
+    @pydantic.field_validator("shard_valid")
+    @classmethod
+    def _shard_valid(cls, v: str) -> str:
+        return _one_of("shard_valid", v, ("routed", "local", "global"))
+
+    @pydantic.field_validator("n_shards")
+    @classmethod
+    def _n_shards(cls, v: int) -> int:
+        if not MIN_SHARDS <= v <= MAX_SHARDS:
+            raise ValueError(f"n_shards must be between {MIN_SHARDS} and {MAX_SHARDS}, got {v}")
+        return v
+
+    @pydantic.field_validator("seed", "split_seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"seeds must be >= 0, got {v}")
+        return v
+
+    @pydantic.field_validator("partition_iters")
+    @classmethod
+    def _iters(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"partition_iters must be >= 1, got {v}")
+        return v
+
+    @pydantic.model_validator(mode="after")
+    def _overrides(self) -> PipelineConfig:
+        """The overrides build valid model and aggregator configs (known fields, lr > 0, ...)."""
+        cls = MODELS[self.model].config_cls
+        try:
+            cls.from_dict({**dataclasses.asdict(cls()), **self.model_overrides})
+            self.agg_config()
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     def agg_config(self) -> AggConfig:
         values = {**AGG_DEFAULTS[self.model], "seed": self.seed, **self.agg_overrides}
@@ -151,17 +202,37 @@ class PipelineConfig:
         return AggConfig(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: getattr(self, name) for name in PipelineConfig.model_fields}
+
+    def replace(self, **changes: Any) -> PipelineConfig:
+        """A copy with ``changes``, validated like any other."""
+        return PipelineConfig.from_dict({**self.to_dict(), **changes})
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PipelineConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown pipeline field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
+    def from_dict(cls, values: dict[str, Any], source: str = "") -> PipelineConfig:
+        """Validated config from plain values; a bad one is one `ConfigError` line (prefixed with ``source``)."""
+        try:
+            return cls(**values)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(_one_line(exc, source, sorted(cls.model_fields))) from None
+
+
+def _one_of(name: str, value: str, choices: Any) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def _one_line(exc: pydantic.ValidationError, source: str, known: list[str]) -> str:
+    """pydantic's first error as one line: ``source: field: message``."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        msg = f"unknown pipeline field {where!r}; known: {', '.join(known)}"
+    else:
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        msg = msg if where in msg or not where else f"{where}: {msg}"
+    return f"{source}: {msg}" if source else msg

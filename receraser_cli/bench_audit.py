@@ -32,7 +32,7 @@ def cmd_bench_audit(args: argparse.Namespace) -> int:
     from pipelines.retrain import model_config, retrain
     from pipelines.steps import load_interactions, load_serving
 
-    instance, rec, tracker = _context()
+    instance, rec, tracker = _context(args)
     cfg, run = rec.pipeline_config(), rec.run_dir()
     print(f"building {cfg.partitioner}+{cfg.aggregator} K={cfg.n_shards} {cfg.model} on {cfg.dataset}", flush=True)
     run_graph(instance, rec, tracker, log=lambda m: print(f"  {m}", flush=True))

@@ -9,15 +9,12 @@ from typing import Any
 
 import torch
 
-from receraser_cli.dagster_jobs import apply_pipeline_env
-
 
 def bench_settings(args: argparse.Namespace, name: str) -> None:
     """A benchmark's own state directory (``state/bench-<name>/<dataset>-<model>`` unless --state-dir), its
     pipeline settings, and torch's threads (--threads; 0 leaves torch's choice)."""
     if args.state_dir is None:
         args.state_dir = Path("state") / f"bench-{name}" / f"{args.dataset or 'ml-1m'}-{args.model or 'wmf'}"
-    apply_pipeline_env(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 

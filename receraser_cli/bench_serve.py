@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from receraser_cli.bench_common import bench_settings, write_record
-from receraser_cli.dagster_jobs import _context, add_pipeline_arguments
+from receraser_cli.dagster_jobs import _context, add_pipeline_arguments, pipeline_argv
 from receraser_cli.forget_cmds import _positive
 from receraser_cli.serve import _seconds
 
@@ -62,12 +62,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: the benchmark's pipeline options (state directory, dataset, model ...), passed on to every child command
+_SETTINGS_ARGV: list[str] = []
+
+
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "receraser_cli.main", *args]
+    return [sys.executable, "-m", "receraser_cli.main", *args, *_SETTINGS_ARGV]
 
 
 def _cli_top(user: str, n: int) -> list[str]:
-    """The item ids `receraser recommend` prints for the same state (settings come from the environment)."""
+    """The item ids `receraser recommend` prints for the same state."""
     out = subprocess.run(_cli("recommend", "--user", user, "-n", str(n)), capture_output=True, text=True, check=True)
     return [line.split()[2] for line in out.stdout.splitlines()[1:] if line.strip()]
 
@@ -251,10 +255,11 @@ def _phases(samples: list[Sample], swaps: list[Swap], end: float) -> None:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     bench_settings(args, "serve")
+    _SETTINGS_ARGV[:] = pipeline_argv(args)
     from dagster_project.orchestrate import run_graph
     from pipelines.steps import load_interactions
 
-    instance, rec, tracker = _context()
+    instance, rec, tracker = _context(args)
     cfg, run = rec.pipeline_config(), rec.run_dir()
     print(
         f"building {cfg.partitioner}+{cfg.aggregator} K={cfg.n_shards} {cfg.model} on {cfg.dataset} "

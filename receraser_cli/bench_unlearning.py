@@ -68,7 +68,7 @@ def cmd_bench_unlearning(args: argparse.Namespace) -> int:
     from pipelines.retrain import model_config, retrain
     from pipelines.steps import load_interactions
 
-    instance, rec, tracker = _context()
+    instance, rec, tracker = _context(args)
     cfg = rec.pipeline_config()
     run = rec.run_dir()
     print(

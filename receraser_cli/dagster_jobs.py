@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.config import MAX_SHARDS
+from pipelines.config import MAX_SHARDS, MIN_SHARDS
 from pipelines.run import format_metrics
 
 CONFIG_FLAGS = {"dataset": str, "model": str, "partitioner": str, "aggregator": str, "n_shards": int, "seed": int}
@@ -20,8 +20,8 @@ def _shards(text: str) -> int:
         k = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= k <= MAX_SHARDS:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_SHARDS}, got {k}")
+    if not MIN_SHARDS <= k <= MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"must be between {MIN_SHARDS} and {MAX_SHARDS}, got {k}")
     return k
 
 
@@ -36,27 +36,37 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
         "--shards",
         dest="n_shards",
         type=_shards,
-        help=f"number of shards K, 1 to {MAX_SHARDS} and at most the users (UBP), items (IBP) or interactions "
-        "(others) the partitioner deals out (default 10)",
+        help=f"number of shards K, {MIN_SHARDS} to {MAX_SHARDS} and at most the users (UBP), items (IBP) or "
+        "interactions (others) the partitioner deals out (default 10)",
     )
     p.add_argument("--seed", type=int, help="seed of pretraining, partition, submodels, aggregator (default 0)")
     p.add_argument("--state-dir", type=Path, help="project state directory (default ./state or $RECERASER_HOME)")
     p.add_argument("--data-dir", type=Path, help="dataset directory (default: see `receraser --help`)")
 
 
-def apply_pipeline_env(args: argparse.Namespace) -> None:
-    """CLI flags become RECERASER_* variables, read when the Dagster code location loads."""
+def settings_from(args: argparse.Namespace):  # noqa: ANN201
+    """The typed configuration for a command: its options over the config file, the environment and the
+    defaults (`dagster_project.settings.load_settings`, the one place they are read)."""
+    from dagster_project.settings import load_settings
+
+    flags = {name: getattr(args, name, None) for name in CONFIG_FLAGS}
+    return load_settings(flags, getattr(args, "state_dir", None), getattr(args, "data_dir", None))
+
+
+def pipeline_argv(args: argparse.Namespace) -> list[str]:
+    """The pipeline options of ``args`` as command-line arguments, for a `receraser` child process."""
+    out: list[str] = []
     for name in CONFIG_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
-            os.environ[f"RECERASER_{name.upper()}"] = str(value)
-    if getattr(args, "state_dir", None):
-        os.environ["RECERASER_HOME"] = str(Path(args.state_dir).resolve())
-    if getattr(args, "data_dir", None):
-        os.environ["RECERASER_DATA_DIR"] = str(Path(args.data_dir).resolve())
+            out += ["--shards" if name == "n_shards" else f"--{name.replace('_', '-')}", str(value)]
+    for name in ("state_dir", "data_dir"):
+        if getattr(args, name, None):
+            out += [f"--{name.replace('_', '-')}", str(Path(getattr(args, name)).resolve())]
+    return out
 
 
-def _context():  # noqa: ANN202
+def _context(args: argparse.Namespace):  # noqa: ANN202
     import logging
     import warnings
 
@@ -71,23 +81,19 @@ def _context():  # noqa: ANN202
         shown.setLevel(logging.INFO)
         shown.propagate = False
     from dagster_project.orchestrate import get_instance
-    from dagster_project.resources import ReceraserResource, default_tracker
-    from dagster_project.settings import state_dir
 
-    instance = get_instance(state_dir())
-    return instance, ReceraserResource.from_settings(), default_tracker()
+    rec = settings_from(args)
+    return get_instance(rec.state_path()), rec, rec.tracker()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    apply_pipeline_env(args)
     from dagster_project.orchestrate import run_graph
     from dagster_project.resources import ledger_for
-    from dagster_project.settings import state_dir
     from dagster_project.unlearn import unlearn_pending
     from pipelines import registry
 
     t0 = time.perf_counter()
-    instance, rec, tracker = _context()
+    instance, rec, tracker = _context(args)
     cfg = rec.pipeline_config()
     print(
         f"RecEraser on {cfg.dataset}: {cfg.model} submodels, {cfg.partitioner} partition into K = "
@@ -113,18 +119,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if hasattr(tracker, "tracking_uri"):  # MLflow's Model Registry: the version now serving
         print(f"registered model : models:/{registry.model_name(run_dir)}@{registry.ALIAS}")
     print(f"run directory    : {run_dir.root}")
-    print(f"state directory  : {state_dir()}")
+    print(f"state directory  : {rec.state_path()}")
     return 0
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    apply_pipeline_env(args)
-    from dagster_project.orchestrate import materialize_target, parse_target
-    from dagster_project.partitions import shard_partitions
+    from dagster_project.orchestrate import materialize_target, parse_target, shard_keys
 
-    instance, rec, tracker = _context()
+    instance, rec, tracker = _context(args)
     try:
-        target = parse_target(args.selection, shard_partitions.get_partition_keys())
+        target = parse_target(args.selection, shard_keys(rec))
     except ValueError as exc:
         from receraser_core.data.interactions import DataError
 
@@ -136,11 +140,10 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
-    apply_pipeline_env(args)
     from dagster_project.orchestrate import graph_status
 
-    instance, rec, _ = _context()
-    state = graph_status(instance, include_retrain=True, run=rec.run_dir())
+    instance, rec, _ = _context(args)
+    state = graph_status(instance, rec, include_retrain=True, run=rec.run_dir())
     if args.json:
         print(json.dumps(state, indent=2))
     else:

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import torch
 
-from receraser_cli.dagster_jobs import _context, add_pipeline_arguments, apply_pipeline_env
+from receraser_cli.dagster_jobs import _context, add_pipeline_arguments, settings_from
 from receraser_core.data.interactions import DataError
 from receraser_core.state_file import load_state
 
 
-def _run_dir():  # noqa: ANN202
-    from dagster_project.resources import ReceraserResource
-
-    rec = ReceraserResource.from_settings()
+def _run_dir(args: argparse.Namespace):  # noqa: ANN202
+    rec = settings_from(args)
     run = rec.run_dir()
     if not run.interactions.exists():
         raise DataError(f"no pipeline state at {run.root}; run `receraser run` first")
@@ -27,13 +25,12 @@ SPLIT_NAMES = (("train", "training"), ("valid", "validation"), ("test", "test"))
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    apply_pipeline_env(args)
     from dagster_project.unlearn import ledger_for
     from pipelines.forget import ForgetError, file_requests, read_request_file, split_counts
     from pipelines.ledger import NewRequest
     from pipelines.steps import load_interactions
 
-    rec, run = _run_dir()
+    rec, run = _run_dir(args)
     if args.file:
         if args.user or args.item or args.all:
             raise ForgetError("use either --file or --user/--item/--all, not both")
@@ -56,12 +53,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    apply_pipeline_env(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     from dagster_project.unlearn import unlearn_pending
 
-    instance, rec, tracker = _context()
+    instance, rec, tracker = _context(args)
     report = unlearn_pending(instance, rec, tracker, log=lambda m: print(m, flush=True), wait=args.wait)
     if report is not None:
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
@@ -70,14 +66,13 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    apply_pipeline_env(args)
     from dagster_project.unlearn import ledger_for
 
-    rec, run = _run_dir()
+    rec, run = _run_dir(args)
     if args.request is not None:
         from dagster_project.erasure_report import erasure_report, format_report
 
-        instance, _, _ = _context()
+        instance, _, _ = _context(args)
         rep = erasure_report(instance, ledger_for(rec), args.request)
         print(json.dumps(rep, indent=2) if args.json else format_report(rep))
         return 0
@@ -124,11 +119,10 @@ def _positive(text: str) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    apply_pipeline_env(args)
     from pipelines.steps import load_interactions, load_serving, top_items
     from receraser_core.data.readers import load_titles
 
-    _, run = _run_dir()
+    _, run = _run_dir(args)
     inter = load_interactions(run.interactions)
     agg, train = load_serving(run)
     try:

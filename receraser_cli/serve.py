@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from receraser_cli.dagster_jobs import add_pipeline_arguments, apply_pipeline_env
+from receraser_cli.dagster_jobs import add_pipeline_arguments
 from receraser_cli.forget_cmds import _positive, _run_dir
 
 
@@ -22,16 +22,14 @@ def _seconds(text: str) -> float:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    apply_pipeline_env(args)
     torch.set_num_threads(args.threads)
     import uvicorn
 
     from dagster_project.resources import ledger_for
-    from dagster_project.settings import state_dir
     from pipelines.serving import Service, create_app, serve_token
 
-    rec, run = _run_dir()
-    token, where = serve_token(state_dir())
+    rec, run = _run_dir(args)
+    token, where = serve_token(rec.state_path())
     service = Service(run, ledger_for(rec), token, args.poll, log=lambda m: print(m, file=sys.stderr, flush=True))
     view = service.view
     print(

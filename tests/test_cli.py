@@ -121,21 +121,25 @@ def test_columns_named_in_the_dataset_spec(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_settings_from_the_environment_are_checked_and_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dagster_project.settings import load_pipeline_config
+    from dagster_project.settings import load_settings
     from receraser_core.models import ConfigError
 
     monkeypatch.setenv("RECERASER_HOME", "/nonexistent-receraser-home")
     for name, value, needle in (
         ("RECERASER_N_SHARDS", "abc", "RECERASER_N_SHARDS='abc': expected an integer"),
-        ("RECERASER_N_SHARDS", "0", "RECERASER_N_SHARDS='0': n_shards must be between 1 and"),
-        ("RECERASER_N_SHARDS", "5000", "n_shards must be between 1 and 1024"),
+        ("RECERASER_N_SHARDS", "1", "RECERASER_N_SHARDS='1': n_shards must be between 2 and"),
+        ("RECERASER_N_SHARDS", "5000", "n_shards must be between 2 and 1024"),
+        ("RECERASER_MODEL_OVERRIDES", '{"reg": -1}', "RECERASER_MODEL_OVERRIDES='{\"reg\": -1}': reg must be >= 0"),
+        ("RECERASER_AGG_OVERRIDES", '{"lr": -0.1}', "AggConfig needs lr > 0"),
+        ("RECERASER_AGG_OVERRIDES", '{"momentum": 1}', "unknown aggregator field(s): momentum"),
+        ("RECERASER_PARTITIONER", "kmeans", "unknown partitioner 'kmeans'; choose one of"),
         ("RECERASER_MODEL", "svd", "RECERASER_MODEL='svd': unknown model"),
         ("RECERASER_AGG_OVERRIDES", "{not json", "RECERASER_AGG_OVERRIDES='{not json': expected JSON"),
     ):
         with monkeypatch.context() as m:
             m.setenv(name, value)
             with pytest.raises(ConfigError) as err:
-                load_pipeline_config()
+                load_settings()
             assert needle in str(err.value) and "\n" not in str(err.value)
 
 
@@ -149,7 +153,15 @@ def test_too_many_shards_is_refused_before_any_work(tmp_path: Path) -> None:
         check=False,
         env=env,
     )
-    assert big.returncode == 2 and "argument --shards: must be between 1 and 1024" in big.stderr
+    assert big.returncode == 2 and "argument --shards: must be between 2 and 1024" in big.stderr
+    one = subprocess.run(
+        [sys.executable, "-m", "receraser_cli.main", "run", "--shards", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert one.returncode == 2 and "argument --shards: must be between 2 and 1024, got 1" in one.stderr
     data = _table(tmp_path)  # 10 users
     proc = subprocess.run(
         [sys.executable, "-m", "receraser_cli.main", "run", "--dataset", f"csv:{data}", "--partitioner", "ubp"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from dagster import AssetKey, DagsterInstance, build_asset_context, instance_for_test
 
-from dagster_project import assets as A
+from dagster_project.assets import build_assets
 from dagster_project.orchestrate import (
     Target,
     graph_status,
@@ -23,15 +23,15 @@ from dagster_project.orchestrate import (
     run_graph,
     status,
 )
-from dagster_project.partitions import shard_partitions
 from dagster_project.resources import ReceraserResource
+from dagster_project.settings import load_settings
 from pipelines import steps
 from pipelines.config import PipelineConfig
 from pipelines.tracking import MemoryTracker
 from receraser_core.data.readers import PROJECT_ROOT
 from tests.test_pipeline import FAST_MODEL, write_blocks_csv
 
-K = len(shard_partitions.get_partition_keys())
+K = load_settings().n_shards  # the test session's (conftest: RECERASER_N_SHARDS)
 
 
 def _resource(tmp_path: Path, model: str = "wmf", partitioner: str = "inbp") -> ReceraserResource:
@@ -108,15 +108,16 @@ def test_assets_called_directly(tmp_path: Path) -> None:
     tracker = MemoryTracker()
     cfg = rec.pipeline_config()
     run = rec.run_dir()
-    result = A.interactions(build_asset_context(), receraser=rec)
+    A = {a.key.path[-1]: a for a in build_assets(cfg)}  # noqa: N806 (the graph of this configuration)
+    result = A["interactions"](build_asset_context(), receraser=rec)
     assert result.metadata["users"] == 45 and result.data_version is not None
     steps.pretrain(run, cfg)
     steps.partition(run, cfg)
-    data = A.shard_data(build_asset_context(partition_key="1"), receraser=rec)
-    again = A.shard_data(build_asset_context(partition_key="1"), receraser=rec)
-    other = A.shard_data(build_asset_context(partition_key="0"), receraser=rec)
+    data = A["shard_data"](build_asset_context(partition_key="1"), receraser=rec)
+    again = A["shard_data"](build_asset_context(partition_key="1"), receraser=rec)
+    other = A["shard_data"](build_asset_context(partition_key="0"), receraser=rec)
     assert data.data_version == again.data_version != other.data_version
-    model = A.shard_model(build_asset_context(partition_key="1"), receraser=rec, tracker=tracker)
+    model = A["shard_model"](build_asset_context(partition_key="1"), receraser=rec, tracker=tracker)
     assert model.metadata["interactions"] == data.metadata["interactions"]
     (logged,) = tracker.runs
     assert logged["tags"]["partition"] == "1" and logged["params"]["shard"] == 1
@@ -127,7 +128,7 @@ def test_graph_in_process_one_shard_and_staleness(tmp_path: Path) -> None:
     rec, tracker = _resource(tmp_path), MemoryTracker()
     with instance_for_test() as instance:
         run_graph(instance, rec, tracker, log=lambda _: None)
-        assert set(graph_status(instance).values()) == {"fresh"}
+        assert set(graph_status(instance, rec).values()) == {"fresh"}
         # one MLflow-style run per shard model, aggregator and evaluation
         names = [r["name"] for r in tracker.runs]
         assert [p["name"] for p in tracker.parents] == ["run"]  # the job's parent run
@@ -161,10 +162,10 @@ def test_graph_in_process_one_shard_and_staleness(tmp_path: Path) -> None:
         steps._atomic(run.assignment, lambda p: steps._save_npz(p, assignment=part.assignment[keep]))
         for k in range(K):
             materialize_names(instance, ["shard_data"], rec, tracker, partition=str(k))
-        assert status(instance, "shard_model", "2") == "stale"
-        assert all(status(instance, "shard_model", str(k)) == "fresh" for k in range(K) if k != 2)
-        assert status(instance, "aggregator") == "stale"
-        assert status(instance, "evaluation") == "stale"
+        assert status(instance, rec, "shard_model", "2") == "stale"
+        assert all(status(instance, rec, "shard_model", str(k)) == "fresh" for k in range(K) if k != 2)
+        assert status(instance, rec, "aggregator") == "stale"
+        assert status(instance, rec, "evaluation") == "stale"
         # the main job now retrains shard 2 only, then the aggregator and evaluation
         n_before = len(tracker.runs)
         run_graph(instance, rec, tracker, log=lambda _: None)
@@ -173,7 +174,7 @@ def test_graph_in_process_one_shard_and_staleness(tmp_path: Path) -> None:
             "aggregator",
             "evaluation inbp+attention",
         ]
-        assert set(graph_status(instance).values()) == {"fresh"}
+        assert set(graph_status(instance, rec).values()) == {"fresh"}
 
 
 def test_parse_target() -> None:
@@ -277,7 +278,7 @@ def test_a_new_configuration_is_built_not_reported_fresh(tmp_path: Path) -> None
         run_graph(instance, first, tracker, log=lambda _: None)
         assert run_graph(instance, second, tracker, log=lambda _: None)  # runs were made
         assert second.run_dir().evaluation.exists()
-        assert set(graph_status(instance, run=second.run_dir()).values()) == {"fresh"}
+        assert set(graph_status(instance, second, run=second.run_dir()).values()) == {"fresh"}
         assert run_graph(instance, second, tracker, log=lambda _: None) == []
 
 
@@ -289,10 +290,12 @@ def test_a_changed_default_changes_only_the_affected_code_versions() -> None:
         "from pipelines import config\n"
         "if sys.argv[1] == 'patched':\n"
         "    for d in config.AGG_DEFAULTS.values(): d['epochs'] = d['epochs'] + 1\n"
-        "from dagster_project import assets as A\n"
+        "from dagster_project.assets import build_assets\n"
+        "cfg = config.PipelineConfig()\n"
+        "built = {a.key.path[-1]: a for a in build_assets(cfg)}\n"
         "names = ('shard_model', 'aggregator', 'evaluation')\n"
-        "versions = {n: str(getattr(A, n).code_versions_by_key) for n in names}\n"
-        "print(json.dumps({'versions': versions, 'config': A.CONFIG}))\n"
+        "versions = {n: str(built[n].code_versions_by_key) for n in names}\n"
+        "print(json.dumps({'versions': versions, 'config': cfg.fingerprint()}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     out = {}

@@ -33,13 +33,13 @@ def _nodes(names: list[str], field: str) -> str:
 FORGET = """
 import os
 from dagster_project.orchestrate import get_instance
-from dagster_project.resources import ReceraserResource, ledger_for
-from dagster_project.settings import state_dir
+from dagster_project.resources import ledger_for
+from dagster_project.settings import load_settings
 from dagster_project.unlearn import prepare_batch
 from pipelines.ledger import NewRequest
 from pipelines.steps import load_interactions, load_partition
 import numpy as np
-rec = ReceraserResource.from_settings()
+rec = load_settings()
 run, ledger, shard = rec.run_dir(), ledger_for(rec), int(os.environ["SHARD"])
 inter = load_interactions(run.interactions)
 p = int(np.flatnonzero(load_partition(run).assignment == shard)[0])
@@ -47,7 +47,7 @@ u = int(np.searchsorted(inter.train.indptr, p, side="right") - 1)
 ledger.add([NewRequest("interaction", str(inter.user_ids[u]), str(inter.item_ids[inter.train.indices[p]]))])
 if os.environ.get("PREPARE"):
     with ledger.applier("test"):
-        print(prepare_batch(get_instance(state_dir()), rec, ledger, ledger.outstanding(), print).shards)
+        print(prepare_batch(get_instance(rec.state_path()), rec, ledger, ledger.outstanding(), print).shards)
 """
 
 

@@ -130,7 +130,7 @@ def test_forgetting_is_exact(tmp_path: Path, model: str, monkeypatch: pytest.Mon
             torch.set_num_threads(threads)
         assert report is not None and report.shards == [1] and report.records == 2
         assert all(r.status == "applied" and r.shards == [1] for r in ledger.get())
-        assert set(graph_status(instance).values()) == {"fresh"}
+        assert set(graph_status(instance, rec).values()) == {"fresh"}
 
         inter = load_interactions(run.interactions)
         assert inter.train.nnz == inter0.train.nnz - 2
@@ -230,7 +230,7 @@ def test_user_erasure_and_batching(tmp_path: Path) -> None:
         run_graph(instance, rec, tracker, log=lambda _: None, rebuild=True)
         rebuilt = load_interactions(run.interactions)
         assert rebuilt.train[4].nnz == 0 and rebuilt.train.nnz == inter.train.nnz
-        assert set(graph_status(instance).values()) == {"fresh"}
+        assert set(graph_status(instance, rec).values()) == {"fresh"}
 
 
 def test_cli_forget_kill_and_fail_then_recover(tmp_path: Path) -> None:
@@ -329,7 +329,7 @@ def test_sensor_turns_a_batch_into_runs_of_the_affected_shards(tmp_path: Path) -
         first = tick()  # redacts, records shard 0's and 2's deletion versions, requests shard 0's run
         assert [(r.partition_key, r.run_key) for r in first.run_requests] == [("0", "unlearn-1,2-shard-0")]
         assert [k.path[-1] for k in first.run_requests[0].asset_selection] == ["shard_data", "shard_model"]
-        stale = {k for k, v in graph_status(instance).items() if v != "fresh"}
+        stale = {k for k, v in graph_status(instance, rec).items() if v != "fresh"}
         assert stale == {
             "shard_data[0]",
             "shard_data[2]",
@@ -349,7 +349,7 @@ def test_sensor_turns_a_batch_into_runs_of_the_affected_shards(tmp_path: Path) -
         third = tick(first.cursor)
         assert not third.run_requests and third.cursor == ""
         assert all(r.status == "applied" and len(r.dagster_runs) == 2 for r in ledger_for(rec).get())
-        assert set(graph_status(instance).values()) == {"fresh"}
+        assert set(graph_status(instance, rec).values()) == {"fresh"}
         # the batch's MLflow runs nest under one parent run, ended by the tick that saw the last run succeed
         parent = tracker.parents[-1]
         assert parent["name"] == "unlearn 1,2" and parent["tags"]["parent"] == "finished"
@@ -634,7 +634,7 @@ def test_validation_and_test_records_are_forgotten_and_their_shards_rebuilt(tmp_
             fresh_fit = fresh.fit(shards0[k], routed_validation(inter.valid, routes, k))
         assert all(torch.equal(load_model(run.shard_model(k)).params[n], fresh.params[n]) for n in fresh.params)
         assert read_json(run.shard_fit(k))["best_valid_recall@10"] == fresh_fit.best_valid_recall
-        assert set(graph_status(instance).values()) == {"fresh"}
+        assert set(graph_status(instance, rec).values()) == {"fresh"}
 
         # a user's erasure clears the user from train, validation and test
         ledger.add([NewRequest("user", uid)])
@@ -692,7 +692,7 @@ def test_a_training_deletion_that_moves_validation_routes_retrains_both_shards(t
                 )
             assert all(torch.equal(load_model(run.shard_model(s)).params[n], fresh.params[n]) for n in fresh.params)
             assert read_json(run.shard_fit(s))["best_valid_recall@10"] == fit.best_valid_recall
-        assert set(graph_status(instance).values()) == {"fresh"}
+        assert set(graph_status(instance, rec).values()) == {"fresh"}
 
 
 ERASED_USER, OTHER_ITEM = "zz-subject-5f1e", "zz-item-9c2b"

@@ -13,7 +13,7 @@ import torch
 from dagster import instance_for_test
 
 from dagster_project.orchestrate import graph_status, run_graph
-from dagster_project.settings import load_pipeline_config, run_root
+from dagster_project.settings import load_settings
 from dagster_project.unlearn import ledger_for
 from pipelines import steps
 from pipelines.ledger import NewRequest
@@ -45,7 +45,7 @@ def test_damaged_artifacts_are_named_shown_corrupt_and_rebuilt(tmp_path: Path) -
         ]
         # a file without its recorded hash (an older version wrote it) is not read, and is rebuilt
         checksum_path(run.shard_model(2)).unlink()
-        assert graph_status(instance, run=run)["shard_model[2]"] == "unverified"
+        assert graph_status(instance, rec, run=run)["shard_model[2]"] == "unverified"
         _one_line_naming(run.shard_model(2), lambda: load_model(run.shard_model(2)))
         run_graph(instance, rec, tracker, log=lambda _: None)
         assert checksum_path(run.shard_model(2)).exists() and load_model(run.shard_model(2)) is not None
@@ -54,11 +54,11 @@ def test_damaged_artifacts_are_named_shown_corrupt_and_rebuilt(tmp_path: Path) -
             weights = load_state(path)["state"] if path == run.serving else None
             models = {k: run.shard_model(k).read_bytes() for k in range(K)}
             path.write_bytes(raw[: len(raw) // 2])  # truncated
-            assert graph_status(instance, run=run)[label] == "corrupt"
+            assert graph_status(instance, rec, run=run)[label] == "corrupt"
             _one_line_naming(path, load)
             n = len(tracker.runs)
             run_graph(instance, rec, tracker, log=lambda _: None)
-            assert set(graph_status(instance, run=run).values()) == {"fresh"}, label
+            assert set(graph_status(instance, rec, run=run).values()) == {"fresh"}, label
             load()  # readable again
             if weights is not None:  # the snapshot also records fit seconds: compare the weights
                 assert all(torch.equal(v, load_state(path)["state"][k]) for k, v in weights.items())
@@ -96,7 +96,7 @@ def test_a_damaged_ledger_is_one_line_and_nothing_changes(tmp_path: Path, monkey
         if name.startswith("RECERASER_"):
             monkeypatch.setenv(name, value)
     assert _cli(["run"], env).returncode == 0
-    path = run_root(load_pipeline_config()) / "ledger.sqlite"  # where the command line finds it
+    path = load_settings().run_dir().root / "ledger.sqlite"  # where the command line finds it
     path.write_bytes(garbage)
     for name in ("-wal", "-shm"):
         Path(str(path) + name).unlink(missing_ok=True)

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pydantic
 import pytest
 import scipy.sparse as sp
 import torch
@@ -138,8 +139,20 @@ def test_bad_pipeline_config() -> None:
         PipelineConfig.from_dict({"partitioner": "kmeans"})
     with pytest.raises(ConfigError, match="unknown pipeline field"):
         PipelineConfig.from_dict({"shards": 3})
-    with pytest.raises(ConfigError, match="unknown aggregator field"):
-        PipelineConfig(agg_overrides={"momentum": 0.9}).agg_config()
+    # a config is valid once built: overrides are checked against the model's and the aggregator's fields
+    for values, needle in (
+        ({"agg_overrides": {"momentum": 0.9}}, "unknown aggregator field"),
+        ({"model": "bpr", "model_overrides": {"lr": -0.01}}, "need lr > 0"),
+        ({"model": "bpr", "model_overrides": {"learning_rate": 0.01}}, "unknown BPRConfig field"),
+        ({"agg_overrides": {"lr": "fast"}}, "AggConfig.lr must be a number"),
+        ({"n_shards": 1}, "n_shards must be between 2 and 1024, got 1"),
+        ({"seed": -1}, "seeds must be >= 0"),
+    ):
+        with pytest.raises(ConfigError, match=needle) as err:
+            PipelineConfig.from_dict(values)
+        assert "\n" not in str(err.value)
+    with pytest.raises(pydantic.ValidationError):
+        PipelineConfig(agg_overrides={"momentum": 0.9})
 
 
 def test_absent_users_get_no_attention_and_no_mean_weight() -> None:

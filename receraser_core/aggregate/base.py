@@ -99,6 +99,14 @@ class AggConfig:
 
     def __post_init__(self) -> None:
         check_sampling(self.sampling)
+        for name in ("lr", "reg", "epochs", "patience", "batch_size"):
+            if not isinstance(getattr(self, name), int | float):
+                raise ValueError(f"AggConfig.{name} must be a number, got {getattr(self, name)!r}")
+        if not self.lr > 0 or self.reg < 0 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"AggConfig needs lr > 0, reg >= 0, epochs >= 1, batch_size >= 1; got {self.lr}, {self.reg}, "
+                f"{self.epochs}, {self.batch_size}"
+            )
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"AggConfig.ema must be in [0, 1), got {self.ema}")
         if not 0.0 <= self.warmup < 1.0:

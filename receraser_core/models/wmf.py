@@ -118,6 +118,8 @@ class WMFConfig(BaseConfig):
             raise ConfigError(f"solver must be 'als' or 'enmf', got {self.solver!r}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if not self.lr > 0 or self.batch_size < 1:
+            raise ConfigError(f"need lr > 0 and batch_size >= 1; got {self.lr}, {self.batch_size}")
 
 
 class WMF(Recommender):
