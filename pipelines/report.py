@@ -192,6 +192,7 @@ def build_report(results: Path, out: Path) -> Path:
             "![Cost of one deletion vs Retrain](fig_deletion_cost.png)",
         ]
     lines += _audit_section(results, out, plt)
+    lines += _scale_section(results, out, plt)
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -249,6 +250,55 @@ def _audit_section(results: Path, out: Path, plt: Any) -> list[str]:
     fig.savefig(out / "fig_audit_ranks.png", dpi=120)
     plt.close(fig)
     return lines + ["", "![Ranks of deleted records](fig_audit_ranks.png)"]
+
+
+def _scale_section(results: Path, out: Path, plt: Any) -> list[str]:
+    """`bench scale` records: building, one deletion and Retrain against data size, and a figure."""
+    runs = [r for p in sorted(results.glob("scale-*.json")) for r in json.loads(p.read_text())]
+    if not runs:
+        return []
+    runs.sort(key=lambda r: (r["model"], r["interactions"]))
+    lines = [
+        "",
+        "## Growth with data size (synthetic tables with MovieLens-10M's shape)",
+        "",
+        "`receraser bench scale`: seeded synthetic tables (`receraser data synth`: 69,878 users, 10,677 items, "
+        "log-normal activity, Zipf popularity, latent-factor taste) of growing size; per size the main job "
+        "through Dagster (per-asset seconds from Dagster's step statistics), single deletions, one Retrain, "
+        "and the peak resident memory of the whole process. K = 10, InBP, attention, `--threads 1`.",
+        "",
+        "| base model | interactions | build s (pretrain + partition / shards / aggregator) | one deletion s "
+        "(median: shard / aggregator / bookkeeping) | Retrain s | speedup | Recall@20 RecEraser / Retrain | "
+        "peak memory MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in runs:
+        st, b = r.get("build_stage_seconds", {}), r["breakdown_mean_seconds"]
+        pre = st.get("interactions", 0) + st.get("wmf_embeddings", 0) + st.get("shard_assignment", 0)
+        shards = st.get("shard_data", 0) + st.get("shard_model", 0)
+        lines.append(
+            f"| {r['model']} | {r['interactions']:,} | {r['build_seconds']:.0f} ({pre:.0f} / {shards:.0f} / "
+            f"{st.get('aggregator', float('nan')):.0f}) | {r['unlearning_seconds_median']:.1f} "
+            f"({b['shard_training']:.1f} / {b['aggregator_training']:.1f} / {b['dagster_and_io_overhead']:.1f}) | "
+            f"{r['retrain_seconds']:.1f} | {r['speedup_median']:.2f}× | {r['quality_before']['recall@20']:.4f} / "
+            f"{r['retrain_quality_on_remaining']['recall@20']:.4f} | {r['peak_rss_mib']:,.0f} |"
+        )
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for model in sorted({r["model"] for r in runs}):
+        mine = [r for r in runs if r["model"] == model]
+        xs = [r["interactions"] / 1e6 for r in mine]
+        ax.plot(xs, [r["build_seconds"] for r in mine], "o-", label=f"{model}: build")
+        ax.plot(xs, [r["unlearning_seconds_median"] for r in mine], "s-", label=f"{model}: one deletion")
+        ax.plot(xs, [r["retrain_seconds"] for r in mine], "^--", label=f"{model}: Retrain")
+    ax.set_xlabel("training table, million interactions")
+    ax.set_ylabel("seconds")
+    ax.set_yscale("log")
+    ax.set_title("Cost against data size (synthetic, 2 cores, 1 thread)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "fig_scale.png", dpi=120)
+    plt.close(fig)
+    return lines + ["", "![Cost against data size](fig_scale.png)"]
 
 
 COST_PARTS = (  # (breakdown key, label) in stacking order

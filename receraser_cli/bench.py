@@ -160,6 +160,10 @@ def add_bench_parser(sub: argparse._SubParsersAction, add_data_args: Callable[[a
 
     add_audit_parser(bench_sub)
 
+    from receraser_cli.bench_scale import add_scale_parser
+
+    add_scale_parser(bench_sub)
+
     from receraser_cli.bench_serve import add_serve_bench_parser
 
     add_serve_bench_parser(bench_sub)
