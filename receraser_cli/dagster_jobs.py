@@ -152,6 +152,23 @@ def cmd_assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipelines.mlflow_compare import compare_table, format_table
+
+    rec = settings_from(args)
+    tracker = rec.tracker()
+    rows = compare_table(tracker.client(), rec.experiment())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no evaluation or Retrain runs in MLflow experiment {rec.experiment()!r} ({tracker.tracking_uri})")
+        return 0
+    print(f"MLflow experiment {rec.experiment()!r} ({tracker.tracking_uri}): the latest run of each configuration")
+    print(format_table(rows))
+    return 0
+
+
 def add_dagster_parsers(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser(
         "run",
@@ -196,3 +213,17 @@ def add_dagster_parsers(sub: argparse._SubParsersAction) -> None:
     add_pipeline_arguments(assets)
     assets.add_argument("--json", action="store_true")
     assets.set_defaults(func=cmd_assets)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="the configurations built for a dataset and base model side by side, read from their MLflow runs",
+        description="Reads MLflow experiment receraser/<dataset>/<model> (the same runs the MLflow UI shows) and "
+        "prints, per configuration, the latest evaluation (RecEraser, SISA, GraphEraser, or any partitioner + "
+        "aggregator) and Retrain run: test Recall@20 / NDCG@20 and the seconds its training runs logged. Build "
+        "the configurations first, e.g. `receraser run --partitioner random --aggregator mean` (SISA), "
+        "`receraser run --partitioner graph_eraser --aggregator static` (GraphEraser), `receraser materialize "
+        "retrain_model` (Retrain).",
+    )
+    add_pipeline_arguments(cmp)
+    cmp.add_argument("--json", action="store_true", help="every field of every row, as JSON")
+    cmp.set_defaults(func=cmd_compare)
