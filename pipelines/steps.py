@@ -163,25 +163,53 @@ def check_shards(cfg: PipelineConfig, inter: Interactions) -> None:
         )
 
 
-#: Progress of long steps (epochs, sweeps): a Python logger, not Dagster events (those would cost every deletion
-#: a database write per epoch); `receraser` prints it, the Dagster UI shows each step's summary line.
+#: Progress of long steps (epochs, sweeps, partition iterations) on the terminal: `receraser` prints this logger
+#: (or a tqdm bar, on a terminal); the Dagster run log gets the same lines (`progress`).
 PROGRESS = logging.getLogger("receraser.progress")
 
 
-def progress(task: str, every: float = 5.0) -> Callable[[dict[str, float]], None]:
-    """An epoch callback that logs ``task``'s epoch and validation score, at most once every ``every`` seconds."""
+@contextlib.contextmanager
+def progress(
+    task: str, total: int | None = None, unit: str = "epoch", log: Log | None = None, every: float = 5.0
+) -> Iterator[Callable[[dict[str, float]], None]]:
+    """A callback for a long loop (epochs, sweeps, partition iterations) that shows how far it is: a tqdm bar on
+    a terminal, else a line on the ``receraser.progress`` logger at most every ``every`` s; the same line goes
+    to ``log`` (the Dagster run log, from an asset) as often. With ``total`` (the most epochs or iterations the
+    loop may take) the line gives the time left at most; early stopping may end the loop sooner."""
+    from tqdm import tqdm
+
+    tty = bool(PROGRESS.handlers) and all(
+        getattr(getattr(h, "stream", None), "isatty", lambda: False)() for h in PROGRESS.handlers
+    )
+    bar = tqdm(total=total, desc=task, unit=unit, mininterval=every, leave=False, disable=not tty)
     last = [time.perf_counter()]
 
-    def report(epoch_log: dict[str, float]) -> None:
+    def report(info: dict[str, float]) -> None:
+        n = int(info.get(unit, info.get("epoch", bar.n + 1)))
+        score = info.get("valid_recall@10")
+        if score is not None:
+            bar.set_postfix_str(f"valid Recall@10 {score:.4f}", refresh=False)
+        bar.update(n - bar.n)
         now = time.perf_counter()
         if now - last[0] < every:
             return
         last[0] = now
-        score = epoch_log.get("valid_recall@10")
-        tail = f", valid Recall@10 {score:.4f}" if score is not None else ""
-        PROGRESS.info(f"{task}: epoch {int(epoch_log['epoch'])}{tail} ({epoch_log.get('seconds', 0.0):.0f} s)")
+        elapsed = bar.format_dict["elapsed"]
+        line = f"{task}: {unit} {n}" + (f" of at most {total}" if total else "")
+        line += f", valid Recall@10 {score:.4f}" if score is not None else ""
+        line += f" ({tqdm.format_interval(elapsed)}"
+        if total and n:
+            line += f", at most {tqdm.format_interval(elapsed / n * max(total - n, 0))} left"
+        line += ")"
+        if bar.disable:
+            PROGRESS.info(line)
+        if log is not None:
+            log(line)
 
-    return report
+    try:
+        yield report
+    finally:
+        bar.close()
 
 
 def pretrain(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> tuple[np.ndarray, np.ndarray]:
@@ -189,8 +217,8 @@ def pretrain(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> tuple[np.nd
     inter = load_interactions(run.interactions)
     model = build_model("wmf", inter.n_users, inter.n_items, **model_config("wmf", inter.name, {"seed": cfg.seed}))
     PROGRESS.info(f"pretraining WMF on {inter.train.nnz:,} interactions (the partition's embeddings) ...")
-    with training_threads():
-        fit = model.fit(inter.train, inter.valid, callback=progress("pretraining WMF"))
+    with training_threads(), progress("pretraining WMF", model.config.epochs, log=log) as shown:
+        fit = model.fit(inter.train, inter.valid, callback=shown)
     u, i = (t.numpy() for t in model.embeddings())
     _atomic(run.embeddings, lambda p: _save_npz(p, user=u, item=i))
     log(f"pretrained WMF in {fit.seconds:.1f} s (valid Recall@10 {fit.best_valid_recall:.4f})")
@@ -225,7 +253,8 @@ def partition(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> Partition:
         with read_npz(run.embeddings) as z:
             kwargs.update(user_emb=z["user"], item_emb=z["item"])
     t0 = time.perf_counter()
-    part = PARTITIONERS[cfg.partitioner](inter.train, cfg.n_shards, cfg.seed, **kwargs)
+    with progress(f"partition {cfg.partitioner}", cfg.partition_iters, "iteration", log) as shown:
+        part = PARTITIONERS[cfg.partitioner](inter.train, cfg.n_shards, cfg.seed, callback=shown, **kwargs)
     diag = {**part.diagnostics, "seconds": time.perf_counter() - t0}
     _atomic(run.assignment, lambda p: _save_npz(p, assignment=part.assignment))
     write_json(run.diagnostics, diag)
@@ -348,8 +377,8 @@ def train_shard(
     else:
         data = load_partition(run).shard_matrix(inter.train, k)
     model = build_model(cfg.model, inter.n_users, inter.n_items, **shard_model_config(cfg, inter.name, k))
-    with training_threads():
-        fit = model.fit(data, shard_valid(run, inter, cfg, k, data), callback=progress(f"shard {k}"))
+    with training_threads(), progress(f"shard {k}", model.config.epochs, log=log) as shown:
+        fit = model.fit(data, shard_valid(run, inter, cfg, k, data), callback=shown)
     model.save(run.shard_model(k))
     write_json(
         run.shard_fit(k),
@@ -422,14 +451,14 @@ def aggregate(
         t0 = time.perf_counter()
         agg = AGGREGATORS[cfg.aggregator](stack, cfg.agg_config())
         init_seconds = time.perf_counter() - t0  # its data-dependent start (attention: the Procrustes alignment)
-        shown = progress(f"aggregator {cfg.aggregator}")
+        with progress(f"aggregator {cfg.aggregator}", agg.config.epochs, log=log) as shown:
 
-        def both(epoch_log: dict[str, float]) -> None:
-            shown(epoch_log)
-            if callback is not None:
-                callback(epoch_log)
+            def both(epoch_log: dict[str, float]) -> None:
+                shown(epoch_log)
+                if callback is not None:
+                    callback(epoch_log)
 
-        fit = agg.fit(inter.train, inter.valid, callback=both)
+            fit = agg.fit(inter.train, inter.valid, callback=both)
     state = {
         "aggregator": cfg.aggregator,
         "config": cfg.to_dict(),

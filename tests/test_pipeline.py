@@ -349,26 +349,6 @@ def test_compare_runs_twice_on_its_cached_work_directory(tmp_path: Path) -> None
     assert [r["recall@20"] for r in again] == [r["recall@20"] for r in first]
 
 
-def test_long_steps_report_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Every epoch callback of a long step logs its epoch and validation score (throttled to one line every few
-    seconds; here every time), to the logger `receraser` prints."""
-    from pipelines.steps import progress
-
-    report = progress("shard 3", every=0.0)
-    with caplog.at_level("INFO", logger="receraser.progress"):
-        report({"epoch": 4.0, "valid_recall@10": 0.1234, "seconds": 12.0})
-        report({"epoch": 5.0, "seconds": 13.0})
-    assert [r.getMessage() for r in caplog.records] == [
-        "shard 3: epoch 4, valid Recall@10 0.1234 (12 s)",
-        "shard 3: epoch 5 (13 s)",
-    ]
-    quiet = progress("aggregator", every=3600.0)
-    caplog.clear()
-    with caplog.at_level("INFO", logger="receraser.progress"):
-        quiet({"epoch": 1.0, "seconds": 1.0})
-    assert caplog.records == []
-
-
 def test_learning_rate_schedule_and_first_validated_epoch() -> None:
     """Warm-up then linear decay over the whole fit, set before every step; epochs before ``valid_from`` are
     neither validated nor selectable. The packed embedding of every row is built once and stays equal to the

@@ -17,6 +17,7 @@ interaction of their users / items.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -56,6 +57,7 @@ def _node_partition(
     seed: int,
     max_iter: int,
     slack: float,
+    callback: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Balanced k-means over node vectors (n, d); returns node labels and the loop diagnostics."""
     rng = np.random.default_rng(seed)
@@ -70,6 +72,7 @@ def _node_partition(
         capacity=_capacity(len(x), n_shards, slack),
         max_iter=max_iter,
         rng=rng,
+        callback=callback,
     )
 
 
@@ -80,10 +83,11 @@ def ubp_partition(
     user_emb: np.ndarray,
     max_iter: int = 20,
     slack: float = 1.2,
+    callback: Callable[[dict[str, float]], None] | None = None,
     **_: object,
 ) -> Partition:
     """User-based balanced partition: every interaction goes with its user."""
-    labels, info = _node_partition("ubp", train, user_emb, n_shards, seed, max_iter, slack)
+    labels, info = _node_partition("ubp", train, user_emb, n_shards, seed, max_iter, slack, callback)
     assignment = np.repeat(labels, np.diff(train.indptr))
     return Partition("ubp", n_shards, assignment, describe("ubp", assignment, train, n_shards, **info))
 
@@ -95,10 +99,11 @@ def ibp_partition(
     item_emb: np.ndarray,
     max_iter: int = 20,
     slack: float = 1.2,
+    callback: Callable[[dict[str, float]], None] | None = None,
     **_: object,
 ) -> Partition:
     """Item-based balanced partition: every interaction goes with its item."""
-    labels, info = _node_partition("ibp", train, item_emb, n_shards, seed, max_iter, slack)
+    labels, info = _node_partition("ibp", train, item_emb, n_shards, seed, max_iter, slack, callback)
     assignment = labels[train.indices]
     return Partition("ibp", n_shards, assignment, describe("ibp", assignment, train, n_shards, **info))
 
@@ -111,6 +116,7 @@ def inbp_partition(
     item_emb: np.ndarray,
     max_iter: int = 20,
     slack: float = 1.2,
+    callback: Callable[[dict[str, float]], None] | None = None,
     **_: object,
 ) -> Partition:
     """Interaction-based balanced partition (RecEraser's best): points are (user, item) pairs."""
@@ -130,6 +136,6 @@ def inbp_partition(
         return np.stack([_means(p, labels, a[:, 0], users), _means(q, labels, a[:, 1], items)], axis=1)
 
     assignment, info = balanced_kmeans(
-        distances, init, update, n, n_shards, _capacity(n, n_shards, slack), max_iter, rng
+        distances, init, update, n, n_shards, _capacity(n, n_shards, slack), max_iter, rng, callback
     )
     return Partition("inbp", n_shards, assignment, describe("inbp", assignment, train, n_shards, **info))

@@ -155,12 +155,14 @@ def balanced_kmeans(
     capacity: int,
     max_iter: int,
     rng: np.random.Generator,
+    callback: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Generic balanced k-means loop (RecEraser Algorithm 1-3).
 
     ``distances(anchors)`` -> (n_points, K); ``update(assignment, anchors)`` -> new anchors (vector means of
     the members; an empty shard keeps its anchor). Stops when the assignment no longer changes or after
-    ``max_iter`` iterations. Empty shards are re-seeded at a random member of the largest shard.
+    ``max_iter`` iterations. Empty shards are re-seeded at a random member of the largest shard. ``callback``
+    gets each iteration's number, how many points changed shard, and the seconds so far.
     """
     t0 = time.perf_counter()
     anchors = init_anchors
@@ -172,6 +174,7 @@ def balanced_kmeans(
         new = greedy_balanced_assign(distances(anchors), capacity)
         sizes = np.bincount(new, minlength=n_shards)
         converged = np.array_equal(new, assignment)
+        moved = int((new != assignment).sum())
         assignment = new
         new_anchors = update(assignment, anchors)
         for empty in np.flatnonzero(sizes == 0):  # re-seed: never leave a shard without members
@@ -179,6 +182,8 @@ def balanced_kmeans(
             new_anchors[empty] = update(np.where(np.arange(n_points) == donor, empty, -1), new_anchors)[empty]
         shifts.append(float(np.sqrt(((new_anchors - anchors) ** 2).sum(axis=tuple(range(1, anchors.ndim)))).mean()))
         anchors = new_anchors
+        if callback is not None:
+            callback({"iteration": iterations, "moved": moved, "seconds": time.perf_counter() - t0})
         if converged and (sizes > 0).all():
             break
     sizes = np.bincount(assignment, minlength=n_shards)

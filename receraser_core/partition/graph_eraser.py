@@ -5,6 +5,8 @@ its *user's* shard. Node shards are balanced (t = ceil(1.2 (|U| + |I|) / K)); in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -20,11 +22,12 @@ def graph_eraser_partition(
     item_emb: np.ndarray,
     max_iter: int = 20,
     slack: float = 1.2,
+    callback: Callable[[dict[str, float]], None] | None = None,
     **_: object,
 ) -> Partition:
     """Shard per interaction = BEKM shard of its user node (item nodes shape the clusters)."""
     nodes = np.concatenate([np.asarray(user_emb), np.asarray(item_emb)])  # (n_users + n_items, d)
-    labels, info = _node_partition("graph_eraser", train, nodes, n_shards, seed, max_iter, slack)
+    labels, info = _node_partition("graph_eraser", train, nodes, n_shards, seed, max_iter, slack, callback)
     assignment = np.repeat(labels[: train.shape[0]], np.diff(train.indptr))
     if (np.bincount(assignment, minlength=n_shards) == 0).any():
         # a shard of item nodes only holds no interaction: give it the interactions of its items' users
