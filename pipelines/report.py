@@ -28,6 +28,53 @@ PAPER = {  # RecEraser paper, Table 3, ML-1M, K = 10: Recall@20 / NDCG@20
 }
 
 
+PAPER_YELP: dict[str, dict[str, tuple[float, float | None]]] = {  # Table 3, Yelp2018 (SISA / GraphEraser: Recall@20)
+    "bpr": {
+        "retrain": (0.0521, 0.0423),
+        "sisa": (0.0272, None),
+        "graph_eraser": (0.0397, None),
+        "receraser": (0.0439, 0.0353),
+    },
+    "wmf": {
+        "retrain": (0.0619, 0.0512),
+        "sisa": (0.0401, None),
+        "graph_eraser": (0.0431, None),
+        "receraser": (0.0572, 0.0471),
+    },
+    "lightgcn": {"retrain": (0.0637, 0.0524), "receraser": (0.0568, 0.0465)},
+}
+
+
+def _methods_table(records: list[dict[str, Any]], dataset: str, paper: dict[str, Any]) -> list[str]:
+    """Retrain, SISA, GraphEraser, RecEraser on ``dataset`` (`bench compare`) beside the paper's Table 3."""
+    lines = [
+        f"## Methods on {dataset} (K = 10): Recall@20 / NDCG@20, this project vs the paper",
+        "",
+        "| base model | method | Recall@20 | NDCG@20 | paper Recall@20 | paper NDCG@20 | fit s | unlearning s (est.) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    found = False
+    for model in ("bpr", "wmf", "lightgcn"):
+        for method in ("retrain", "sisa", "graph_eraser", "receraser"):
+            rows = [
+                r
+                for r in records
+                if r.get("model") == model and r.get("method") == method and r.get("dataset") == dataset
+            ]
+            if not rows:
+                continue
+            found = True
+            r = rows[-1]
+            p = paper.get(model, {}).get(method, (None, None))
+            ref = " | ".join(f"{v:.4f}" if v is not None else "–" for v in p)
+            unlearn = r.get("unlearning_seconds_estimate", r.get("fit_seconds", float("nan")))
+            lines.append(
+                f"| {model} | {method} | {r['recall@20']:.4f} | {r['ndcg@20']:.4f} | {ref} | "
+                f"{r.get('fit_seconds', float('nan')):.1f} | {float(unlearn):.1f} |"
+            )
+    return lines + [""] if found else []
+
+
 def _load(results: Path) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for path in sorted(results.glob("*.json")):
@@ -55,28 +102,8 @@ def build_report(results: Path, out: Path) -> Path:
         "training items masked, models selected on validation. Machine: 2 CPU cores, no GPU.",
         "",
     ]
-    lines += [
-        "## Methods (K = 10): Recall@20 / NDCG@20, this project vs the paper",
-        "",
-        "| base model | method | Recall@20 | NDCG@20 | paper Recall@20 | paper NDCG@20 | fit s | unlearning s (est.) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for model in ("bpr", "wmf", "lightgcn"):
-        for method in ("retrain", "sisa", "graph_eraser", "receraser"):
-            rows = [
-                r
-                for r in records
-                if r.get("model") == model and r.get("method") == method and r.get("dataset") == "ml-1m"
-            ]
-            if not rows:
-                continue
-            r = rows[-1]
-            p = PAPER[model][method]
-            unlearn = r.get("unlearning_seconds_estimate", r.get("fit_seconds", float("nan")))
-            lines.append(
-                f"| {model} | {method} | {r['recall@20']:.4f} | {r['ndcg@20']:.4f} | {p[0]:.4f} | "
-                f"{p[1]:.4f} | {r.get('fit_seconds', float('nan')):.1f} | {float(unlearn):.1f} |"
-            )
+    for dataset, paper in (("ml-1m", PAPER), ("yelp2018", PAPER_YELP)):
+        lines += _methods_table(records, dataset, paper)
     figs = []
     for kind, title, prefix, key in (
         (
@@ -193,6 +220,7 @@ def build_report(results: Path, out: Path) -> Path:
         ]
     lines += _audit_section(results, out, plt)
     lines += _scale_section(results, out, plt)
+    lines += _cure4rec_section(unl)
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -250,6 +278,38 @@ def _audit_section(results: Path, out: Path, plt: Any) -> list[str]:
     fig.savefig(out / "fig_audit_ranks.png", dpi=120)
     plt.close(fig)
     return lines + ["", "![Ranks of deleted records](fig_audit_ranks.png)"]
+
+
+def _cure4rec_section(unlearning: list[dict[str, Any]]) -> list[str]:
+    """Whole-user erasures in one batch with CURE4Rec's selections and measures."""
+    runs = [r for r in unlearning if r.get("kind") == "user" and "groups" in r and r["batch"] == r["requests"]]
+    if not runs:
+        return []
+    lines = [
+        "",
+        "## CURE4Rec protocol: erase 5% of the users at once",
+        "",
+        "`receraser bench unlearning --kind user --share 0.05 --select {active,inactive,random} --batch 0`: the "
+        "most active, the least active or random users (seeded), every record of theirs in every split, in one "
+        "batch. NDCG@20 / HR@20 over the remaining test users; gap = NDCG@20 of the 5% most active remaining "
+        "users minus the others'. Retrain: one model on the same remaining data, in the same run.",
+        "",
+        "| base model | selection | users | shards retrained | unlearning s | Retrain s | speedup | NDCG@20 / HR@20 "
+        "before | after | Retrain | gap before / after / Retrain |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(runs, key=lambda r: (r["model"], r["select"])):
+        g = r["groups"]
+        lines.append(
+            f"| {r['model']} | {r['select']} | {r['requests']} | "
+            f"{r['breakdown_mean_seconds']['shards_retrained']:.0f} | {r['unlearning_seconds_median']:.1f} | "
+            f"{r['retrain_seconds']:.1f} | {r['speedup_median']:.2f}× | "
+            + " | ".join(f"{g[k]['ndcg@20']:.4f} / {g[k]['hit@20']:.4f}" for k in ("before", "after", "retrain"))
+            + " | "
+            + " / ".join(f"{g[k]['ndcg@20_gap']:+.4f}" for k in ("before", "after", "retrain"))
+            + " |"
+        )
+    return lines
 
 
 def _scale_section(results: Path, out: Path, plt: Any) -> list[str]:

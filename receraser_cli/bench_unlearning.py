@@ -15,6 +15,7 @@ import torch
 
 from receraser_cli.bench_common import bench_settings, write_record
 from receraser_cli.dagster_jobs import _context, add_pipeline_arguments
+from receraser_core.data.interactions import DataError
 from receraser_core.state_file import load_state
 
 
@@ -31,6 +32,47 @@ def _inner_seconds(run: Any, shards: list[int]) -> dict[str, float]:
     agg = float(fit["seconds"]) + float(fit.get("init_seconds", 0.0))  # its start is part of training it
     ev = float(read_json(run.evaluation)["seconds"])
     return {"shard_training": shard, "aggregator_training": agg, "evaluation": ev}
+
+
+def most_active(train: Any, share: float) -> np.ndarray:
+    """The ``share`` of users with the most training interactions (CURE4Rec's "active" group)."""
+    counts = np.diff(train.indptr)
+    users = np.flatnonzero(counts)
+    return np.sort(users[np.argsort(-counts[users], kind="stable")[: max(1, round(share * len(users)))]])
+
+
+def choose_users(train: Any, amount: float, select: str, rng: np.random.Generator) -> np.ndarray:
+    """Users to erase: ``amount`` of them (a count, or a share of the users with training data when below 1),
+    the most active, the least active or at random (CURE4Rec's three selections; ties broken by ``rng``)."""
+    counts = np.diff(train.indptr)
+    users = np.flatnonzero(counts)
+    n = int(round(amount * len(users))) if amount < 1 else int(amount)
+    if not 1 <= n <= len(users):
+        raise DataError(f"cannot erase {n} users: {len(users):,} users have training data")
+    tie = rng.random(len(users))
+    if select == "random":
+        return np.sort(rng.choice(users, size=n, replace=False))
+    order = np.lexsort((tie, -counts[users] if select == "active" else counts[users]))
+    return np.sort(users[order[:n]])
+
+
+def group_quality(score: Any, train: Any, test: Any, top_users: np.ndarray) -> dict[str, float]:
+    """NDCG@20 and HR@20 over all test users, and NDCG@20 of the active group and of the others (CURE4Rec)."""
+    from receraser_core.metrics import evaluate
+
+    others = np.setdiff1d(np.arange(train.shape[0]), top_users)
+    every = evaluate(score, train, test, ks=(20,), batch_size=256, hit_ratio=True)
+    top = evaluate(score, train, test, ks=(20,), batch_size=256, users=top_users)
+    rest = evaluate(score, train, test, ks=(20,), batch_size=256, users=others)
+    return {
+        "ndcg@20": every["ndcg@20"],
+        "hit@20": every["hit@20"],
+        "recall@20": every["recall@20"],
+        "ndcg@20_active": top["ndcg@20"],
+        "ndcg@20_other": rest["ndcg@20"],
+        "ndcg@20_gap": top["ndcg@20"] - rest["ndcg@20"],
+        "active_users_evaluated": top["users"],
+    }
 
 
 def stage_seconds(instance: Any, run_ids: list[str]) -> dict[str, float]:
@@ -77,7 +119,7 @@ def cmd_bench_unlearning(args: argparse.Namespace) -> int:
     from dagster_project.unlearn import ledger_for, unlearn_pending
     from pipelines.ledger import NewRequest
     from pipelines.retrain import model_config, retrain
-    from pipelines.steps import load_interactions
+    from pipelines.steps import load_interactions, load_serving
 
     instance, rec, tracker = _context(args)
     cfg = rec.pipeline_config()
@@ -94,12 +136,12 @@ def cmd_bench_unlearning(args: argparse.Namespace) -> int:
     before = json.loads(run.evaluation.read_text())
     inter = load_interactions(run.interactions)
     rng = np.random.default_rng(args.sample_seed)
+    top_users = most_active(inter.train, 0.05)  # CURE4Rec's active group
+    groups_before = group_quality(load_serving(run)[0].scorer(), inter.train, inter.test, top_users)
     if args.kind == "user":  # whole users (GDPR erasure): every record in train, validation and test
-        active = np.flatnonzero(np.diff(inter.train.indptr))
-        reqs = [
-            NewRequest("user", str(inter.user_ids[u]), "", "benchmark")
-            for u in rng.choice(active, size=args.requests, replace=False)
-        ]
+        chosen = choose_users(inter.train, args.requests if args.share is None else args.share, args.select, rng)
+        args.requests = len(chosen)
+        reqs = [NewRequest("user", str(inter.user_ids[u]), "", "benchmark") for u in chosen]
     else:
         picks = rng.choice(inter.train.nnz, size=args.requests, replace=False)
         users = np.repeat(np.arange(inter.n_users), np.diff(inter.train.indptr))
@@ -112,6 +154,7 @@ def cmd_bench_unlearning(args: argparse.Namespace) -> int:
     ledger = ledger_for(rec)
     times: list[float] = []
     breakdowns: list[dict[str, float]] = []
+    args.batch = args.batch or len(reqs)  # 0: every request in one batch
     groups = [reqs[i : i + args.batch] for i in range(0, len(reqs), args.batch)]
     for n, group in enumerate(groups, start=1):
         t = time.perf_counter()
@@ -135,6 +178,8 @@ def cmd_bench_unlearning(args: argparse.Namespace) -> int:
         )
     after = json.loads(run.evaluation.read_text())
     remaining = load_interactions(run.interactions)
+    top_users = most_active(remaining.train, 0.05)  # the active group of the remaining users
+    groups_after = group_quality(load_serving(run)[0].scorer(), remaining.train, remaining.test, top_users)
     seeds = [cfg.seed + n for n in range(args.retrain_seeds)]
     print(f"retraining one model on the same remaining data, model seeds {seeds} (the exact baseline)", flush=True)
     retrains = []
@@ -151,6 +196,7 @@ def cmd_bench_unlearning(args: argparse.Namespace) -> int:
     fits = [float(r.record["fit_seconds"]) for r in retrains]
     median_fit = statistics.median(fits)
     res = retrains[fits.index(median_fit)] if median_fit in fits else retrains[0]
+    groups_retrain = group_quality(res.model.scorer(), remaining.train, remaining.test, top_users)
     retrain_seconds = median_fit
     mean_breakdown = {k: statistics.fmean(b[k] for b in breakdowns) for k in breakdowns[0]}
     record: dict[str, Any] = {
@@ -163,6 +209,10 @@ def cmd_bench_unlearning(args: argparse.Namespace) -> int:
         "requests": args.requests,
         "batch": args.batch,
         "kind": args.kind,
+        "select": args.select if args.kind == "user" else "random",
+        # CURE4Rec's measures: NDCG@20, HR@20, and the NDCG@20 of the 5% most active users (by training
+        # interactions, among the users the data holds then: before, or after the deletions) minus the others
+        "groups": {"before": groups_before, "after": groups_after, "retrain": groups_retrain},
         "unlearning_seconds_mean": statistics.fmean(times),
         "unlearning_seconds_median": statistics.median(times),
         "unlearning_seconds_p95": _percentile(times, 95),
@@ -210,6 +260,11 @@ def cmd_bench_unlearning(args: argparse.Namespace) -> int:
         f"Recall@20 before {before['recall@20']:.4f}, after {after['recall@20']:.4f} "
         f"({record['recall@20_change_pct']:+.2f}%), retrain on remaining {res.metrics['recall@20']:.4f}"
     )
+    for name, g in record["groups"].items():
+        print(
+            f"{name:8} NDCG@20 {g['ndcg@20']:.4f}  HR@20 {g['hit@20']:.4f}  NDCG@20 active 5% {g['ndcg@20_active']:.4f}"
+            f" / others {g['ndcg@20_other']:.4f} (gap {g['ndcg@20_gap']:+.4f})"
+        )
     write_record(args.json, record)
     return 0
 
@@ -234,7 +289,22 @@ def add_unlearning_parser(bench_sub: argparse._SubParsersAction) -> None:
         default="interaction",
         help="forget single training records, or whole users (all their records, every split)",
     )
-    p.add_argument("--batch", type=int, default=1, help="requests applied together (default 1: one at a time)")
+    p.add_argument(
+        "--share",
+        type=float,
+        default=None,
+        help="with --kind user: erase this share of the users with training data instead of --requests "
+        "(CURE4Rec: 0.05)",
+    )
+    p.add_argument(
+        "--select",
+        choices=["random", "active", "inactive"],
+        default="random",
+        help="with --kind user: which users, at random (seeded), the most or the least active (CURE4Rec)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=1, help="requests applied together (default 1: one at a time; 0: all at once)"
+    )
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the sampled requests")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--retrain-seeds", type=int, default=3, help="Retrain this many model seeds; report the median")

@@ -40,8 +40,10 @@ def evaluate(
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
     users: np.ndarray | None = None,
+    hit_ratio: bool = False,
 ) -> dict[str, float]:
-    """Mean Recall@k and NDCG@k over users with test items (optionally restricted to ``users``).
+    """Mean Recall@k and NDCG@k over users with test items (optionally restricted to ``users``); with
+    ``hit_ratio`` also HR@k, the share of those users with at least one test item in their top k.
 
     Returns ``{"recall@10": ..., "ndcg@10": ..., ..., "users": n_evaluated}``.
     """
@@ -63,7 +65,7 @@ def evaluate(
     # discount[r] = 1 / log2(r + 2) for 0-based rank r; idcg_table[j] = sum of the first j discounts
     discount = 1.0 / torch.log2(torch.arange(2, max_k + 2, dtype=torch.float64, device=dev))
     idcg_table = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev), discount.cumsum(0)])
-    sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
+    sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg") + (("hit",) if hit_ratio else ())}
     for start in range(0, len(eval_users), batch_size):
         rows = eval_users[start : start + batch_size]
         with torch.no_grad():
@@ -85,6 +87,8 @@ def evaluate(
             idcg = idcg_table[torch.clamp(n_rel, max=kk)]
             sums[f"recall@{k}"] += float(recall.sum())
             sums[f"ndcg@{k}"] += float((dcg / idcg).sum())
+            if hit_ratio:
+                sums[f"hit@{k}"] += float((hits[:, :kk].sum(1) > 0).sum())
     n = max(len(eval_users), 1)
     result: dict[str, float] = {key: value / n for key, value in sums.items()}
     result["users"] = float(len(eval_users))

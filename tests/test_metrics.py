@@ -76,6 +76,18 @@ def test_hand_computed_case() -> None:
     assert got["ndcg@10"] == pytest.approx(dcg / (1 + 1 / math.log2(3)))
 
 
+def test_hit_ratio_counts_users_with_a_hit() -> None:
+    # user 0: test item at rank 2 after masking; user 1: its only test item at rank 4
+    scores = np.array([[6, 5, 4, 3, 2, 1], [6, 5, 4, 3, 2, 1]], dtype=np.float32)
+    train = sp.csr_matrix(np.array([[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=np.float32))
+    test = sp.csr_matrix(np.array([[0, 0, 1, 0, 0, 1], [0, 0, 0, 1, 0, 0]], dtype=np.float32))
+    got = evaluate(table_fn(scores), train, test, ks=[2, 4], hit_ratio=True)
+    assert got["hit@2"] == pytest.approx(0.5) and got["hit@4"] == pytest.approx(1.0)
+    assert "hit@2" not in evaluate(table_fn(scores), train, test, ks=[2])  # only when asked
+    only = evaluate(table_fn(scores), train, test, ks=[2], users=np.array([1]), hit_ratio=True)
+    assert only["hit@2"] == 0.0 and only["users"] == 1
+
+
 def test_recall_divides_by_all_test_items_not_by_n() -> None:
     # 30 test items, the top 10 are all hits: Recall@10 = 10/30, NDCG@10 = 1
     n_items = 40

@@ -70,6 +70,24 @@ def test_report_from_json(tmp_path: Path) -> None:
         assert (tmp_path / "docs" / fig).read_bytes().startswith(b"\x89PNG")
     assert "fig_deletion_cost.png" in text
     assert (tmp_path / "docs" / "fig_deletion_cost.png").read_bytes().startswith(b"\x89PNG")
+    assert "CURE4Rec" not in text
+    group = {"ndcg@20": 0.3, "hit@20": 0.8, "ndcg@20_gap": 0.05}
+    erased = {
+        **unlearning,
+        "model": "wmf",
+        "kind": "user",
+        "select": "active",
+        "requests": 302,
+        "batch": 302,
+        "breakdown_mean_seconds": {**unlearning["breakdown_mean_seconds"], "shards_retrained": 10.0},
+        "speedup_median": 0.2,
+        "groups": {"before": group, "after": {**group, "ndcg@20_gap": 0.01}, "retrain": group},
+    }
+    (res / "unlearning-ml-1m-wmf-cure4rec-active.json").write_text(json.dumps(erased))
+    text = build_report(res, tmp_path / "docs").read_text()
+    assert "## CURE4Rec protocol" in text
+    assert "| wmf | active | 302 | 10 | 39.0 | 400.0 | 0.20× | 0.3000 / 0.8000 |" in text
+    assert "| +0.0500 / +0.0100 / +0.0500 |" in text
 
 
 def test_deletion_cost_figure_takes_the_largest_sequential_run_per_model() -> None:
