@@ -309,3 +309,18 @@ def test_a_changed_default_changes_only_the_affected_code_versions() -> None:
     assert plain["versions"]["shard_model"] == patched["versions"]["shard_model"]
     assert plain["versions"]["aggregator"] != patched["versions"]["aggregator"]
     assert plain["versions"]["evaluation"] != patched["versions"]["evaluation"]
+
+
+def test_celery_runs_refuse_a_configuration_the_workers_do_not_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery workers build the graph from the config file and environment; a run whose configuration came only
+    from the command line (another dataset here) is refused in one line before anything is sent to them."""
+    from receraser_core.models import ConfigError
+
+    monkeypatch.setenv("RECERASER_EXECUTOR", "celery")
+    rec = _resource(tmp_path)
+    with instance_for_test() as instance, pytest.raises(ConfigError, match="workers build the graph") as err:
+        materialize_names(instance, ["interactions"], rec, MemoryTracker())
+    assert "\n" not in str(err.value)
+    assert not rec.run_dir().interactions.exists()
