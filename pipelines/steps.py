@@ -182,7 +182,8 @@ def progress(
         getattr(getattr(h, "stream", None), "isatty", lambda: False)() for h in PROGRESS.handlers
     )
     bar = tqdm(total=total, desc=task, unit=unit, mininterval=every, leave=False, disable=not tty)
-    last = [time.perf_counter()]
+    start = time.perf_counter()
+    last = [start]
 
     def report(info: dict[str, float]) -> None:
         n = int(info.get(unit, info.get("epoch", bar.n + 1)))
@@ -194,7 +195,7 @@ def progress(
         if now - last[0] < every:
             return
         last[0] = now
-        elapsed = bar.format_dict["elapsed"]
+        elapsed = now - start  # a disabled tqdm bar keeps no time
         line = f"{task}: {unit} {n}" + (f" of at most {total}" if total else "")
         line += f", valid Recall@10 {score:.4f}" if score is not None else ""
         line += f" ({tqdm.format_interval(elapsed)}"

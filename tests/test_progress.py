@@ -4,6 +4,8 @@ run log, with the time left at most when the loop's length is known."""
 from __future__ import annotations
 
 import logging
+import re
+import time
 
 import numpy as np
 import pytest
@@ -24,6 +26,14 @@ def test_progress_lines_go_to_both_sinks_with_the_time_left(caplog: pytest.LogCa
     assert len(run_log) == 3 and run_log == [r.getMessage() for r in caplog.records if r.name == PROGRESS.name]
     assert run_log[-1].startswith("shard 3: epoch 3 of at most 10, valid Recall@10 0.3000 (")
     assert "left)" in run_log[-1]
+    slow: list[str] = []
+    with progress("partition inbp", 20, "iteration", slow.append, every=0) as cb:
+        time.sleep(1.1)
+        cb({"iteration": 4, "moved": 10})  # 1.1 s for 4 of 20: about 4.4 s more at most
+    (line,) = slow
+    m = re.fullmatch(r"partition inbp: iteration 4 of at most 20 \((00:\d\d), at most (00:\d\d) left\)", line)
+    assert m is not None, line
+    assert m.group(1) != "00:00" and int(m.group(2)[3:]) >= 4  # elapsed, and 4 times it left
     quiet: list[str] = []
     with progress("aggregator", 10, log=quiet.append) as cb:  # a loop shorter than 5 s says nothing
         cb({"epoch": 1})
