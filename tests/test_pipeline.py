@@ -394,3 +394,10 @@ def test_learning_rate_schedule_and_first_validated_epoch() -> None:
         torch.cat([x @ agg.transfer_w[k].t() + agg.transfer_b[k] for k, x in parts]), counts, col, n_i
     )
     assert torch.equal(first, uncached)
+    # at most 2 steps an epoch: 128 users a step instead of 64, the same schedule over 10 steps
+    seen.clear()
+    Spy(stack, replace(cfg, max_steps_per_epoch=2)).fit(train, valid)
+    assert len(seen) == 5 * 2 and max(seen) == pytest.approx(0.05)
+    seen.clear()
+    Spy(stack, replace(cfg, max_steps_per_epoch=8)).fit(train, valid)  # a cap above 4 steps changes nothing
+    assert len(seen) == 5 * 4

@@ -95,6 +95,10 @@ class AggConfig:
     decay: str = "constant"
     valid_from: int = 1  # first epoch whose model is validated and can be selected (at most the last epoch)
 
+    # wmf loss: at most this many steps an epoch (0: no cap); beyond batch_size // 16 users a step, a step takes
+    # ceil(users / max_steps_per_epoch) users. Each step embeds every item, so this bounds the fit's cost.
+    max_steps_per_epoch: int = 0
+
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -238,6 +242,8 @@ class Aggregator(torch.nn.Module):
     ) -> float:
         n_users, n_items = train.shape
         step = max(self.config.batch_size // 16, 64)  # users per batch
+        if self.config.max_steps_per_epoch:  # more users a step on larger data: the fit's step count stays put
+            step = max(step, -(-n_users // self.config.max_steps_per_epoch))
         order = rng.permutation(n_users)
         total = 0.0
         for start in range(0, n_users, step):
