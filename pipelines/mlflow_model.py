@@ -19,8 +19,8 @@ from pipelines.steps import load_serving_file, top_items
 
 
 class RecEraserModel(PythonModel):
-    # no type-hint validation: MLflow warns at every model build whether predict has hints (a table is not a
-    # hint it supports) or not; the input is checked in predict itself
+    # no type-hint validation, and predict untyped: MLflow warns at every model build whether predict has hints
+    # (a table is not a hint it supports) or not; the input is checked in predict itself
     _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
@@ -30,7 +30,7 @@ class RecEraserModel(PythonModel):
         self.index = {str(u): i for i, u in enumerate(self.user_ids)}
         self.score = agg.scorer()
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[list[str]]:
+    def predict(self, context, model_input, params=None):
         users = [str(u) for u in model_input["user"]]
         ns = [int(n) for n in model_input["n"]] if "n" in model_input else [20] * len(users)
         out = []
