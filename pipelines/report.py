@@ -327,8 +327,8 @@ def _scale_section(results: Path, out: Path, plt: Any) -> list[str]:
         "through Dagster (per-asset seconds from Dagster's step statistics), single deletions, one Retrain, "
         "and the peak resident memory of the whole process. K = 10, InBP, attention, `--threads 1`.",
         "",
-        "| base model | interactions | build s (pretrain + partition / shards / aggregator) | one deletion s "
-        "(median: shard / aggregator / bookkeeping) | Retrain s | speedup | Recall@20 RecEraser / Retrain | "
+        "| base model | interactions | build s (pretrain + partition / shards / aggregator) | one deletion s, median "
+        "(mean shard / aggregator / bookkeeping) | Retrain s | speedup | Recall@20 RecEraser / Retrain | "
         "peak memory MiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
