@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipelines.report import build_report
 
 
+@pytest.mark.slow  # two main jobs, deletions and Retrains in child processes: about a minute
 def test_bench_scale_records_each_size_and_the_report_plots_them(tmp_path: Path) -> None:
     out = tmp_path / "results" / "scale-synth-wmf.json"
     argv = ["bench", "scale", "--sizes", "3k,4.5k", "--users", "300", "--items", "200", "--shards", "3"]
