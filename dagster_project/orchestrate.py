@@ -31,7 +31,7 @@ from dagster_project.settings import executor
 from pipelines.config import PipelineConfig
 from pipelines.forget import shard_deletion_versions
 from pipelines.steps import RunDir
-from pipelines.tracking import PARENT_TAG, MlflowTracker, Tracker
+from pipelines.tracking import PARENT_TAG, Tracker
 from receraser_core.models.base import ConfigError
 from receraser_core.state_file import integrity
 
@@ -371,7 +371,7 @@ def materialize_target(
     if keys and workers > 1:
         log(f"materializing {'+'.join(parted)} for shards {', '.join(keys)} in {workers} processes")
         # the workers log to the default tracker; their first MLflow calls would race to create its database
-        MlflowTracker.in_state_dir(rec.state_path()).prepare(rec.experiment())
+        rec.tracker().prepare(rec.experiment())
         jobs = [(os.environ["DAGSTER_HOME"], parted, k, rec.model_dump(), tags or {}) for k in keys]
         with ProcessPoolExecutor(max_workers=workers) as pool:
             for k, run_id in pool.map(_partition_worker, jobs):

@@ -9,7 +9,7 @@ from dagster import ConfigurableResource
 from pipelines.config import PipelineConfig
 from pipelines.ledger import Ledger
 from pipelines.steps import RunDir
-from pipelines.tracking import MlflowTracker, Tracker
+from pipelines.tracking import MlflowTracker
 
 
 class ReceraserResource(ConfigurableResource, PipelineConfig):
@@ -44,7 +44,7 @@ class ReceraserResource(ConfigurableResource, PipelineConfig):
     def experiment(self) -> str:
         return f"receraser/{self.dataset}/{self.model}"
 
-    def tracker(self) -> Tracker:
+    def tracker(self) -> MlflowTracker:
         """MLflow, with its store in the state directory."""
         return MlflowTracker.in_state_dir(self.state_path())
 

@@ -35,24 +35,16 @@ def _sizes(text: str) -> list[int]:
 
 def _table(size: int, args: argparse.Namespace, work: Path) -> Path:
     """The synthetic table of ``size`` interactions (written once, then reused)."""
-    import pandas as pd
-
-    from receraser_core.data.synth import SynthConfig, synthesize
+    from receraser_core.data.synth import SynthConfig, write_table
 
     path = work / "data" / f"synth-{size}-u{args.users}-i{args.items}-s{args.seed}.parquet"
     if path.exists():
         return path
-    cfg = SynthConfig(size, args.seed, args.users, args.items)
+    print(f"[{size:,}] drawing the synthetic table ...", flush=True)
     try:
-        cfg.check()
+        write_table(SynthConfig(size, args.seed, args.users, args.items), path)
     except ValueError as exc:
         raise DataError(str(exc)) from None
-    print(f"[{size:,}] drawing the synthetic table ...", flush=True)
-    users, items = synthesize(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame({"user": users, "item": items}).to_parquet(tmp, index=False)
-    tmp.replace(path)
     return path
 
 

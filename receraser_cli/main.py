@@ -63,23 +63,16 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from receraser_core.data.synth import SynthConfig, synthesize
+    from receraser_core.data.synth import SynthConfig, write_table
 
     cfg = SynthConfig(args.interactions, args.seed, args.users, args.items)
-    try:
-        cfg.check()
-    except ValueError as exc:
-        raise DataError(str(exc)) from None
     out = args.out or Path("state") / "data" / f"synth-{args.interactions}-s{args.seed}.parquet"
     t0 = time.perf_counter()
     print(f"drawing {cfg.interactions:,} interactions for {cfg.users:,} users and {cfg.items:,} items ...", flush=True)
-    users, items = synthesize(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pd.DataFrame({"user": users, "item": items}).to_parquet(tmp, index=False)
-    tmp.replace(out)
+    try:
+        users, _ = write_table(cfg, out)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     per_user = np.bincount(users, minlength=cfg.users)
     print(
         f"wrote {out} in {time.perf_counter() - t0:.1f} s: {len(users):,} interactions, records per user "

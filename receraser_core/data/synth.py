@@ -9,6 +9,7 @@ quality is measurable (well above a popularity ranking). The same arguments give
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -86,3 +87,17 @@ def synthesize(cfg: SynthConfig, batch: int = 1024) -> tuple[np.ndarray, np.ndar
             items.append(ranked[row, :n])
             users.append(np.full(n, start + row, dtype=np.int64))
     return np.concatenate(users), np.concatenate(items).astype(np.int64)
+
+
+def write_table(cfg: SynthConfig, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Check ``cfg`` (ValueError), draw its table and write it to ``path`` as Parquet (``user``, ``item``),
+    atomically; returns the drawn (users, items)."""
+    import pandas as pd
+
+    cfg.check()
+    users, items = synthesize(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pd.DataFrame({"user": users, "item": items}).to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return users, items
