@@ -3,6 +3,7 @@ save / load, config errors, and that training reads nothing but its own matrix."
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -331,3 +332,24 @@ def test_triple_loss_matches_the_gathered_bpr_loss() -> None:
     (got_grad,) = torch.autograd.grad(triple_loss(both, both, u, i + 7, j + 7), both)
     (want_grad,) = torch.autograd.grad(bpr_loss((both[u] * both[i + 7]).sum(-1), (both[u] * both[j + 7]).sum(-1)), both)
     assert torch.allclose(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("l2_per", ["occurrence", "row"])
+def test_bpr_grads_match_autograd_of_the_loss_and_penalty(l2_per: str) -> None:
+    """`bpr_grads` writes the BPR step's gradient without autograd; it equals backpropagating `triple_loss` plus
+    `l2_penalty`, rows repeated and rows unused alike, and returns the same loss."""
+    from receraser_core.models.base import l2_penalty
+    from receraser_core.models.bpr import bpr_grads, triple_loss
+
+    g = torch.Generator().manual_seed(1)
+    users = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    u, i, j = (torch.randint(0, n, (40,), generator=g) for n in (6, 8, 8))  # the last row of each unused
+    want = triple_loss(users, items, u, i, j) + 0.3 * l2_penalty(40, l2_per, (users, u), (items, torch.cat([i, j])))
+    wu, wi = torch.autograd.grad(want, (users, items))
+    loss = bpr_grads(users, items, u, i, j, 0.3, l2_per, need_loss=True)
+    assert users.grad is not None and items.grad is not None
+    assert torch.allclose(users.grad, wu) and torch.allclose(items.grad, wi)
+    assert not users.grad[6].any() and not items.grad[8].any()
+    assert loss == pytest.approx(float(want))
+    assert math.isnan(bpr_grads(users, items, u, i, j, 0.3, l2_per))

@@ -337,6 +337,36 @@ def test_weight_average_is_what_the_aggregator_validates_and_keeps(loss: str) ->
         AggConfig(ema=1.0)
 
 
+@pytest.mark.parametrize("reg", [0.0, 0.01])
+def test_user_block_step_equals_the_triple_step(reg: float) -> None:
+    """With ``user_blocks`` a BPR aggregator step scores a block of users against every item and reads the
+    triples' entries; with one block (every user) it is the same step as the gathered triple loss on the same
+    triples: same loss and, after one Adam step, the same weights."""
+    g = torch.Generator().manual_seed(5)
+    k, n_u, n_i, d = 3, 30, 20, 6
+    rng = np.random.default_rng(5)
+    train = sp.csr_matrix(rng.random((n_u, n_i)) < 0.3, dtype=np.float32)
+    stack = _masked_stack(g, k, n_u, n_i, d, p_user=0.8, p_item=0.8)
+    cfg = AggConfig(loss="bpr", lr=0.05, batch_size=10_000, reg=reg, sampling="user", seed=2)
+    models, losses = [], []
+    for blocks in (False, True):
+        agg = AGGREGATORS["attention"](stack, replace(cfg, user_blocks=blocks))
+        opt = torch.optim.Adam([p for p in agg.parameters() if p.requires_grad], lr=cfg.lr)
+        losses.append(agg._epoch(train, opt, np.random.default_rng(9)))
+        models.append(agg)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # the attention's output bias shifts every logit of a row alike: its gradient is zero but for rounding, which
+    # Adam scales to a full step, so the two are compared on what the weights compute, plus the transfer maps
+    users = torch.arange(n_u)
+    with torch.no_grad():
+        assert torch.allclose(models[0].score(users), models[1].score(users), atol=1e-5)
+        assert not torch.allclose(models[0].score(users), AGGREGATORS["attention"](stack, cfg).score(users))
+    assert torch.allclose(models[0].transfer_w, models[1].transfer_w, atol=1e-6)
+    several = AGGREGATORS["attention"](stack, replace(cfg, user_blocks=True, batch_size=64))
+    opt = torch.optim.Adam([p for p in several.parameters() if p.requires_grad], lr=cfg.lr)
+    assert np.isfinite(several._epoch(train, opt, np.random.default_rng(9)))  # several blocks of users
+
+
 def test_compare_runs_twice_on_its_cached_work_directory(tmp_path: Path) -> None:
     """`bench compare` links the shared interactions and embeddings (with their content hashes) into each
     method's directory; a second run over the same work directory reads them back."""

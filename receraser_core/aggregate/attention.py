@@ -32,7 +32,10 @@ Recall@10 0.139 after 4 epochs instead of 17, and stops on a slightly better mod
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 from receraser_core.aggregate.base import AggConfig, Aggregator, ShardStack
 
@@ -65,6 +68,27 @@ def align_rotations(stack: ShardStack, iters: int = 5) -> torch.Tensor:
     return rot.float()
 
 
+class _WeightedRowSum(torch.autograd.Function):
+    """out[r] = sum of alpha[p] * x[p] over the pairs p with row[p] = r; out (n_rows, d).
+
+    The same as ``zeros(n_rows, d).index_add(0, row, alpha.unsqueeze(-1) * x)``, with a backward written out:
+    autograd's for the broadcast product (a (P, d) product reduced over d for alpha's gradient) and the
+    scatter's gather took about half of an aggregator step on ML-1M."""
+
+    @staticmethod
+    def forward(ctx: Any, alpha: torch.Tensor, x: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
+        ctx.save_for_backward(alpha, x, row)
+        return x.new_zeros(n_rows, x.shape[1]).index_add_(0, row, x * alpha.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        alpha, x, row = ctx.saved_tensors
+        g = F.embedding(row, grad.contiguous())  # (P, d): each pair's row of the output gradient
+        grad_alpha = (g * x).sum(1) if ctx.needs_input_grad[0] else None
+        grad_x = g.mul_(alpha.unsqueeze(1)) if ctx.needs_input_grad[1] else None
+        return grad_alpha, grad_x, None, None
+
+
 class _Attention(torch.nn.Module):
     def __init__(self, dim: int, hidden: int, count_prior: bool) -> None:
         super().__init__()
@@ -93,7 +117,7 @@ class _Attention(torch.nn.Module):
         top = torch.full((n_rows,), float("-inf")).scatter_reduce(0, row, logits.detach(), "amax")
         w = torch.exp(logits - top[row])
         alpha = w / torch.zeros(n_rows).index_add(0, row, w)[row]
-        return torch.zeros(n_rows, x.shape[-1]).index_add(0, row, alpha.unsqueeze(-1) * x)
+        return _WeightedRowSum.apply(alpha, x, row, n_rows)
 
 
 class AttentionAggregator(Aggregator):

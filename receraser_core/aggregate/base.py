@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 
 from receraser_core.metrics import evaluate
 from receraser_core.models.base import bpr_triples, check_sampling
@@ -95,6 +96,12 @@ class AggConfig:
     decay: str = "constant"
     valid_from: int = 1  # first epoch whose model is validated and can be selected (at most the last epoch)
 
+    # bpr / lightgcn loss: an epoch draws this fraction of nnz triples (a step costs about its triples plus one
+    # embedding of every row, so fewer triples a step at the same number of steps makes the fit cheaper)
+    epoch_fraction: float = 1.0
+    # bpr loss: each step takes the triples of one block of users (the epoch's users in a seeded order, cut into
+    # as many blocks as steps), so a step embeds only those users and every item, not every user
+    user_blocks: bool = False
     # wmf loss: at most this many steps an epoch (0: no cap); beyond batch_size // 16 users a step, a step takes
     # ceil(users / max_steps_per_epoch) users. Each step embeds every item, so this bounds the fit's cost.
     max_steps_per_epoch: int = 0
@@ -113,6 +120,8 @@ class AggConfig:
             )
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"AggConfig.ema must be in [0, 1), got {self.ema}")
+        if not 0.0 < self.epoch_fraction <= 1.0:
+            raise ValueError(f"AggConfig.epoch_fraction must be in (0, 1], got {self.epoch_fraction}")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"AggConfig.warmup must be in [0, 1), got {self.warmup}")
         if self.decay not in ("constant", "linear"):
@@ -210,7 +219,10 @@ class Aggregator(torch.nn.Module):
         cfg = self.config
         if cfg.loss == "wmf":
             return self._wmf_epoch(train, opt, rng, epoch)
-        u_all, i_all, negs = bpr_triples(train, rng, torch.device("cpu"), sampling=cfg.sampling)
+        draws = max(1, round(train.nnz * cfg.epoch_fraction))
+        u_all, i_all, negs = bpr_triples(train, rng, torch.device("cpu"), sampling=cfg.sampling, draws=draws)
+        if cfg.user_blocks and cfg.loss == "bpr":
+            return self._user_block_epoch(train, opt, rng, epoch, (u_all, i_all, negs))
         # a batch larger than the catalogue is cheaper to embed as "everyone once, then index"
         embed_all = cfg.loss == "lightgcn" or 3 * cfg.batch_size >= sum(train.shape)
         total = 0.0
@@ -235,6 +247,54 @@ class Aggregator(torch.nn.Module):
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(u)
+        return total / max(len(u_all), 1)
+
+    def _user_block_epoch(
+        self,
+        train: sp.csr_matrix,
+        opt: torch.optim.Optimizer,
+        rng: np.random.Generator,
+        epoch: int,
+        triples: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> float:
+        """The BPR loss over the epoch's triples grouped by user block: users in a seeded random order are cut
+        into ceil(triples / batch_size) blocks, and a step trains on the triples of one block's users (about
+        batch_size of them), sorted by user. A step embeds that block's users and every item."""
+        cfg = self.config
+        u_all, i_all, j_all = triples
+        n_users = train.shape[0]
+        n_steps = max(1, -(-len(u_all) // cfg.batch_size))
+        rank = torch.from_numpy(rng.permutation(n_users))  # rank[user]: the user's place in this epoch's order
+        order = torch.argsort(rank)  # order[r]: the user in place r
+        sort = torch.argsort(rank[u_all], stable=True)  # triples by their user's place
+        u_rank, i_all, j_all = rank[u_all][sort], i_all[sort], j_all[sort]
+        bounds = np.linspace(0, n_users, n_steps + 1).round().astype(np.int64)
+        cuts = torch.searchsorted(u_rank, torch.from_numpy(bounds)).tolist()
+        all_items = torch.arange(train.shape[1])
+        total = 0.0
+        for step in range(n_steps):
+            lo, hi = cuts[step], cuts[step + 1]
+            if hi == lo:
+                continue
+            self._set_lr(opt, epoch, step, n_steps)
+            users = self.user_embed(order[bounds[step] : bounds[step + 1]])
+            items = self.item_embed(all_items)
+            u = u_rank[lo:hi] - int(bounds[step])
+            # the block's scores against every item, then the triples' entries of them: two dense products
+            # instead of a gather and a scatter of d-vectors per triple (same loss as `triple_loss`)
+            flat = (users @ items.t()).reshape(-1)
+            row = u * items.shape[0]
+            x = flat.index_select(0, row + i_all[lo:hi]) - flat.index_select(0, row + j_all[lo:hi])
+            loss = -F.logsigmoid(x).mean()
+            if cfg.reg:
+                uses_u = torch.bincount(u, minlength=len(users)).to(users.dtype)
+                uses_i = torch.bincount(torch.cat([i_all[lo:hi], j_all[lo:hi]]), minlength=len(items)).to(items.dtype)
+                l2 = uses_u @ users.square().sum(1) + uses_i @ items.square().sum(1)
+                loss = loss + cfg.reg * l2 / (hi - lo)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * (hi - lo)
         return total / max(len(u_all), 1)
 
     def _wmf_epoch(
