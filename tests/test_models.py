@@ -144,6 +144,20 @@ def test_negative_sampling_avoids_the_users_positives_only() -> None:
     assert counts.min() > 0.2 * 5000  # roughly uniform over the four candidates
 
 
+def test_negatives_are_the_same_with_the_lookup_table_or_the_binary_search(monkeypatch) -> None:
+    """Small catalogues check candidates in a dense table of (user, item) cells, large ones by binary search in the
+    sorted keys: the same draws either way."""
+    import receraser_core.models.base as base
+
+    rng = np.random.default_rng(4)
+    train = sp.csr_matrix(rng.random((50, 40)) < 0.4, dtype=np.float32)
+    users = rng.integers(0, 50, 3000)
+    table = sample_negatives(train, users, np.random.default_rng(8))
+    monkeypatch.setattr(base, "DENSE_SEEN_LIMIT", 0)
+    assert np.array_equal(table, sample_negatives(train, users, np.random.default_rng(8)))
+    assert not train[users, table].any()
+
+
 def test_observed_negatives_come_from_the_training_datas_items_only() -> None:
     # items 3 and 5 never occur in this (shard's) data: "observed" never draws them, "all" does
     train = pairs_to_csr(np.array([0, 0, 1, 2]), np.array([0, 1, 2, 4]), 3, 6)

@@ -337,11 +337,14 @@ def test_weight_average_is_what_the_aggregator_validates_and_keeps(loss: str) ->
         AggConfig(ema=1.0)
 
 
-@pytest.mark.parametrize("reg", [0.0, 0.01])
-def test_user_block_step_equals_the_triple_step(reg: float) -> None:
+@pytest.mark.parametrize(("reg", "dense"), [(0.0, True), (0.01, True), (0.01, False)])
+def test_user_block_step_equals_the_triple_step(reg: float, dense: bool, monkeypatch) -> None:
     """With ``user_blocks`` a BPR aggregator step scores a block of users against every item and reads the
     triples' entries; with one block (every user) it is the same step as the gathered triple loss on the same
-    triples: same loss and, after one Adam step, the same weights."""
+    triples: same loss and, after one Adam step, the same weights; so is its sparse-data form (gathered rows)."""
+    import receraser_core.aggregate.base as agg_base
+
+    monkeypatch.setattr(agg_base, "DENSE_BLOCK_RATIO", 64 if dense else 0)
     g = torch.Generator().manual_seed(5)
     k, n_u, n_i, d = 3, 30, 20, 6
     rng = np.random.default_rng(5)

@@ -139,6 +139,11 @@ class AggConfig:
         return self.lr * min(max(scale, 0.0), 1.0)
 
 
+#: a user block's BPR step scores the block against every item when that is at most this many cells per triple
+#: (dense products), else it gathers the triples' rows (on ML-1M a block has ~31 cells a triple, Yelp2018 ~1,100)
+DENSE_BLOCK_RATIO = 64
+
+
 @dataclass
 class AggFitResult:
     history: list[dict[str, float]] = field(default_factory=list)
@@ -280,12 +285,15 @@ class Aggregator(torch.nn.Module):
             users = self.user_embed(order[bounds[step] : bounds[step + 1]])
             items = self.item_embed(all_items)
             u = u_rank[lo:hi] - int(bounds[step])
-            # the block's scores against every item, then the triples' entries of them: two dense products
-            # instead of a gather and a scatter of d-vectors per triple (same loss as `triple_loss`)
-            flat = (users @ items.t()).reshape(-1)
-            row = u * items.shape[0]
-            x = flat.index_select(0, row + i_all[lo:hi]) - flat.index_select(0, row + j_all[lo:hi])
-            loss = -F.logsigmoid(x).mean()
+            if len(users) * len(items) <= DENSE_BLOCK_RATIO * (hi - lo):
+                # the block's scores against every item, then the triples' entries of them: two dense products
+                # instead of a gather and a scatter of d-vectors per triple (same loss as `triple_loss`)
+                flat = (users @ items.t()).reshape(-1)
+                row = u * items.shape[0]
+                x = flat.index_select(0, row + i_all[lo:hi]) - flat.index_select(0, row + j_all[lo:hi])
+                loss = -F.logsigmoid(x).mean()
+            else:  # sparse data: far fewer triples than (user, item) cells
+                loss = triple_loss(users, items, u, i_all[lo:hi], j_all[lo:hi])
             if cfg.reg:
                 uses_u = torch.bincount(u, minlength=len(users)).to(users.dtype)
                 uses_i = torch.bincount(torch.cat([i_all[lo:hi], j_all[lo:hi]]), minlength=len(items)).to(items.dtype)

@@ -314,6 +314,11 @@ def check_sampling(sampling: str) -> None:
         raise ConfigError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
 
 
+#: `sample_negatives` checks candidates against a (users x items) table of booleans up to this many cells (bytes),
+#: else by binary search in the sorted keys; the same negatives either way
+DENSE_SEEN_LIMIT = 64 * 2**20
+
+
 def sample_negatives(
     train: sp.csr_matrix,
     users: np.ndarray,
@@ -343,13 +348,20 @@ def sample_negatives(
     neg = draw(len(users))
     if len(keys) == 0:
         return neg
+    seen: np.ndarray | None = None
+    if train.shape[0] * n_items <= DENSE_SEEN_LIMIT:  # a lookup table instead of sorting and binary searches
+        seen = np.zeros(train.shape[0] * n_items, dtype=bool)
+        seen[keys] = True
     todo = np.arange(len(users))
     for _ in range(max_rounds):
         cand = users[todo] * n_items + neg[todo]
-        order = np.argsort(cand)  # sorted needles: the binary searches walk keys in order (5x faster)
-        pos = np.minimum(np.searchsorted(keys, cand[order]), len(keys) - 1)
-        clash = np.empty(len(cand), dtype=bool)
-        clash[order] = keys[pos] == cand[order]
+        if seen is not None:
+            clash = seen[cand]
+        else:
+            order = np.argsort(cand)  # sorted needles: the binary searches walk keys in order (5x faster)
+            pos = np.minimum(np.searchsorted(keys, cand[order]), len(keys) - 1)
+            clash = np.empty(len(cand), dtype=bool)
+            clash[order] = keys[pos] == cand[order]
         todo = todo[clash]
         if len(todo) == 0:
             return neg
