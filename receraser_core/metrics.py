@@ -41,9 +41,13 @@ def evaluate(
     device: str | torch.device = "cpu",
     users: np.ndarray | None = None,
     hit_ratio: bool = False,
+    items: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Mean Recall@k and NDCG@k over users with test items (optionally restricted to ``users``); with
     ``hit_ratio`` also HR@k, the share of those users with at least one test item in their top k.
+
+    ``items`` (sorted item indices): rank among these items only; ``score_fn`` then returns (b, len(items))
+    scores in that order. A test item outside them is never a hit but still counts in the user's |T_u|.
 
     Returns ``{"recall@10": ..., "ndcg@10": ..., ..., "users": n_evaluated}``.
     """
@@ -61,7 +65,12 @@ def evaluate(
     if users is not None:
         eval_users = np.intersect1d(eval_users, np.asarray(users))
     n_cols = train.shape[1]
-    max_k = min(ks[-1], n_cols)
+    column: np.ndarray | None = None  # column[item]: its place among ``items``, -1 if not ranked
+    if items is not None:
+        items = np.asarray(items, dtype=np.int64)
+        column = np.full(n_cols, -1, dtype=np.int64)
+        column[items] = np.arange(len(items))
+    max_k = min(ks[-1], n_cols if items is None else len(items))
     # discount[r] = 1 / log2(r + 2) for 0-based rank r; idcg_table[j] = sum of the first j discounts
     discount = 1.0 / torch.log2(torch.arange(2, max_k + 2, dtype=torch.float64, device=dev))
     idcg_table = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev), discount.cumsum(0)])
@@ -71,8 +80,14 @@ def evaluate(
         with torch.no_grad():
             scores = score_fn(torch.from_numpy(rows).to(dev)).to(torch.float32).clone()  # (b, n_items)
         seen_row, seen_col = _row_entries(train, rows)
-        scores[torch.from_numpy(seen_row).to(dev), torch.from_numpy(seen_col.astype(np.int64)).to(dev)] = -torch.inf
+        seen_col = seen_col.astype(np.int64)
+        if column is not None:
+            seen_col = column[seen_col]
+            seen_row, seen_col = seen_row[seen_col >= 0], seen_col[seen_col >= 0]
+        scores[torch.from_numpy(seen_row).to(dev), torch.from_numpy(seen_col).to(dev)] = -torch.inf
         top = torch.topk(scores, max_k, dim=1).indices.cpu().numpy()  # (b, max_k)
+        if items is not None:
+            top = items[top]
         # a top item is a hit when (batch row, item) is one of the batch's test entries (sorted keys)
         test_row, test_col = _row_entries(test, rows)
         keys = test_row.astype(np.int64) * n_cols + test_col

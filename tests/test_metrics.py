@@ -135,3 +135,21 @@ def test_bad_arguments() -> None:
         evaluate(lambda u: torch.zeros(len(u), 3), train, sp.csr_matrix((2, 4)))
     with pytest.raises(ValueError, match="positive"):
         evaluate(lambda u: torch.zeros(len(u), 3), train, train, ks=[0])
+
+
+def test_ranking_among_some_items_equals_pushing_the_others_to_the_bottom() -> None:
+    """``items``: only those are ranked (scores for them alone), a test item outside them is never a hit but stays
+    in the user's count: the same as scoring every item with the others below all ranked ones."""
+    rng = np.random.default_rng(3)
+    n_u, n_i = 30, 25
+    train = sp.csr_matrix(rng.random((n_u, n_i)) < 0.2, dtype=np.float32)
+    test = sp.csr_matrix((rng.random((n_u, n_i)) < 0.15) & (train.toarray() == 0), dtype=np.float32)
+    items = np.sort(rng.choice(n_i, size=15, replace=False))
+    full = torch.from_numpy(rng.random((n_u, n_i)).astype(np.float32))
+    outside = np.setdiff1d(np.arange(n_i), items)
+    pushed = full.clone()
+    pushed[:, outside] = -1e6
+    want = evaluate(lambda u: pushed[u], train, test, ks=(3, 5))
+    got = evaluate(lambda u: full[u][:, items], train, test, ks=(3, 5), items=items)
+    assert got == want
+    assert got != evaluate(lambda u: full[u], train, test, ks=(3, 5))  # the restriction did change the ranking

@@ -91,3 +91,18 @@ def test_truncated_garbled_missing_and_foreign_files_are_one_line_errors(tmp_pat
     save_state(tmp_path / "other.pt", {"something": 1})
     with pytest.raises(DataError, match="not a receraser model file"):
         load_model(tmp_path / "other.pt")
+
+
+def test_a_file_changed_in_place_after_a_good_check_is_found_corrupt(tmp_path: Path) -> None:
+    """Intact files are hashed once per process; a later change of their bytes (same size, same inode) is still
+    caught."""
+    from receraser_core.state_file import integrity, save_state
+
+    path = tmp_path / "model.pt"
+    save_state(path, {"w": torch.arange(64, dtype=torch.float32)})
+    assert integrity(path) == "ok" and integrity(path) == "ok"
+    raw = bytearray(path.read_bytes())
+    raw[-9] ^= 0xFF
+    with open(path, "r+b") as fh:  # in place: same inode, same size
+        fh.write(raw)
+    assert integrity(path) == "corrupt"

@@ -43,8 +43,13 @@ class BaseConfig:
     eval_every: int = 1
     seed: int = 0
     device: str = "cpu"
+    # early stopping ranks "all" items, or only those "trained" (with an interaction in the model's training data):
+    # a shard model's other items keep their random start, and the aggregator never reads them (masked)
+    valid_items: str = "all"
 
     def validate(self) -> None:
+        if self.valid_items not in VALID_ITEMS:
+            raise ConfigError(f"valid_items must be one of {', '.join(VALID_ITEMS)}, got {self.valid_items!r}")
         for name in ("dim", "epochs", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -222,8 +227,17 @@ class Recommender(ABC):
                 self.params[k][idx] = self._live[k].detach()
 
     def validation_recall(self, train: sp.csr_matrix, valid: sp.csr_matrix) -> float:
+        items = None
+        if self.config.valid_items == "trained":
+            trained = np.flatnonzero(np.bincount(train.indices, minlength=self.n_items))
+            items = trained if 0 < len(trained) < self.n_items else None
         with torch.no_grad():
-            return evaluate(self.scorer(), train, valid, ks=(10,), device=self.device)["recall@10"]
+            if items is None:
+                return evaluate(self.scorer(), train, valid, ks=(10,), device=self.device)["recall@10"]
+            user_emb, item_emb = self.embeddings()
+            item_t = item_emb[torch.from_numpy(items).to(item_emb.device)].t()
+            score = lambda u: user_emb[u.to(user_emb.device)] @ item_t  # noqa: E731
+            return evaluate(score, train, valid, ks=(10,), device=self.device, items=items)["recall@10"]
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.params.items()}
@@ -264,6 +278,7 @@ def _check_matrix(m: sp.csr_matrix, shape: tuple[int, int], what: str) -> sp.csr
 
 
 NEGATIVES = ("all", "observed")
+VALID_ITEMS = ("all", "trained")
 L2_MODES = ("occurrence", "row")
 SAMPLINGS = ("interaction", "user")
 
