@@ -367,3 +367,24 @@ def test_bpr_grads_match_autograd_of_the_loss_and_penalty(l2_per: str) -> None:
     assert not users.grad[6].any() and not items.grad[8].any()
     assert loss == pytest.approx(float(want))
     assert math.isnan(bpr_grads(users, items, u, i, j, 0.3, l2_per))
+
+
+def test_valid_items_trained_ranks_among_the_models_items_and_rejects_unknown_values() -> None:
+    """``valid_items="trained"``: early stopping ranks only the items with training data in the model's matrix;
+    an item it never trained cannot be a validation hit. Any other value is one clear error."""
+    train = pairs_to_csr(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 2, 0]), 3, 5)
+    valid = pairs_to_csr(np.array([0, 1, 2]), np.array([2, 4, 3]), 3, 5)  # item 4 and 3 were never trained
+    model = build_model("bpr", 3, 5, epochs=1, valid_items="trained")
+    model.fit(train)
+    with torch.no_grad():
+        model.params["item"][3:] = 100.0  # untrained items would top every ranking of all items
+    assert model.validation_recall(train, valid) == pytest.approx(1 / 3)  # only user 0's item 2 can be found
+    everything = build_model("bpr", 3, 5, epochs=1)
+    everything.fit(train)
+    with torch.no_grad():
+        everything.params["item"][:] = model.params["item"]
+        everything.params["user"][:] = model.params["user"].abs() + 1.0
+        model.params["user"][:] = everything.params["user"]
+    assert everything.validation_recall(train, valid) > model.validation_recall(train, valid)
+    with pytest.raises(ConfigError, match="valid_items must be one of"):
+        build_model("bpr", 3, 5, valid_items="some")
