@@ -22,6 +22,7 @@ from pipelines.steps import (
     partition,
     prepare,
     pretrain,
+    progress,
     train_shards,
 )
 
@@ -76,9 +77,9 @@ def run_compare(
     records: list[dict[str, Any]] = []
     if "retrain" in methods:
         log(f"== retrain {base.model}")
-        res = retrain(
-            inter, base.model, model_config(base.model, inter.name, {**base.model_overrides, "seed": base.seed})
-        )
+        config = model_config(base.model, inter.name, {**base.model_overrides, "seed": base.seed})
+        with progress(f"retrain {base.model}", int(config.get("epochs", 0)) or None, log=log) as shown:
+            res = retrain(inter, base.model, config, callback=shown)
         rec = {**res.record, "method": "retrain", "partitioner": None, "aggregator": None, "shards": 1}
         rec.pop("history", None)
         records.append(rec)
