@@ -186,10 +186,10 @@ def build_report(results: Path, out: Path) -> Path:
             "",
             "## Unlearning time (requests applied through the ledger and Dagster)",
             "",
-            "| base model | K | requests | batch | mean s | median s | p95 s | "
+            "| dataset | base model | K | requests | batch | mean s | median s | p95 s | "
             "shard / aggregator / eval / overhead s | Retrain s (same run) | speedup (median) | "
             "Recall@20 before → after | Retrain on remaining |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in unl:
             b = r.get("breakdown_mean_seconds", {})
@@ -198,7 +198,8 @@ def build_report(results: Path, out: Path) -> Path:
                 for k in ("shard_training", "aggregator_training", "evaluation", "dagster_and_io_overhead")
             )
             lines.append(
-                f"| {r['model']} | {r.get('shards', 10)} | {r['requests']}{' users' * (r.get('kind') == 'user')} | "
+                f"| {r.get('dataset', 'ml-1m')} | {r['model']} | {r.get('shards', 10)} | "
+                f"{r['requests']}{' users' * (r.get('kind') == 'user')} | "
                 f"{r['batch']} | "
                 f"{r['unlearning_seconds_mean']:.1f} | "
                 f"{r['unlearning_seconds_median']:.1f} | {r['unlearning_seconds_p95']:.1f} | {parts} | "
@@ -211,8 +212,8 @@ def build_report(results: Path, out: Path) -> Path:
             "",
             "### One deletion against Retrain",
             "",
-            "Mean cost of one request applied alone (K = 10; for each base model, the sequential file with the most "
-            "requests), split into its timed parts, beside the median Retrain fit of the same run. Bookkeeping is "
+            "Mean cost of one request applied alone on ML-1M (K = 10; for each base model, the sequential file with "
+            "the most requests), split into its timed parts, beside the median Retrain fit of the same run. Bookkeeping is "
             "what the timers around shard and aggregator training leave of the time from request to applied "
             "(Dagster runs, reading and writing files); evaluation follows once the request is applied.",
             "",
@@ -370,10 +371,12 @@ COST_PARTS = (  # (breakdown key, label) in stacking order
 
 
 def deletion_costs(unlearning: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per base model, the sequential (batch 1, K = 10) record with the most requests."""
+    """Per base model, the sequential (batch 1, K = 10) ML-1M record with the most requests."""
     best: dict[str, dict[str, Any]] = {}
     for r in unlearning:
         if r.get("batch") != 1 or r.get("shards", 10) != 10 or r.get("kind", "interaction") != "interaction":
+            continue
+        if r.get("dataset", "ml-1m") != "ml-1m":
             continue
         if "breakdown_mean_seconds" not in r:
             continue
