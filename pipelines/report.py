@@ -213,9 +213,9 @@ def build_report(results: Path, out: Path) -> Path:
             "### One deletion against Retrain",
             "",
             "Mean cost of one request applied alone on ML-1M (K = 10; for each base model, the sequential file with "
-            "the most requests), split into its timed parts, beside the median Retrain fit of the same run. Bookkeeping is "
-            "what the timers around shard and aggregator training leave of the time from request to applied "
-            "(Dagster runs, reading and writing files); evaluation follows once the request is applied.",
+            "the most requests), split into its timed parts, beside the median Retrain fit of the same run. "
+            "Bookkeeping is what the timers around shard and aggregator training leave of the time from request "
+            "to applied (Dagster runs, reading and writing files); evaluation follows once the request is applied.",
             "",
             "![Cost of one deletion vs Retrain](fig_deletion_cost.png)",
         ]
