@@ -144,6 +144,13 @@ class AggConfig:
 DENSE_BLOCK_RATIO = 64
 
 
+def _batch_l2(users: torch.Tensor, items: torch.Tensor, u: torch.Tensor, ij: torch.Tensor) -> torch.Tensor:
+    """L2 of a batch's aggregated vectors, a row counted once per time the batch uses it, over the batch size."""
+    uses_u = torch.bincount(u, minlength=len(users)).to(users.dtype)
+    uses_i = torch.bincount(ij, minlength=len(items)).to(items.dtype)
+    return (uses_u @ users.square().sum(1) + uses_i @ items.square().sum(1)) / len(u)
+
+
 @dataclass
 class AggFitResult:
     history: list[dict[str, float]] = field(default_factory=list)
@@ -243,11 +250,8 @@ class Aggregator(torch.nn.Module):
                 i, j = ij[: len(u)], ij[len(u) :]
                 users, items = self.user_embed(user_rows), self.item_embed(item_rows)
             loss = triple_loss(users, items, u, i, j)
-            if cfg.reg:  # L2 of the batch's aggregated vectors, a row counted once per time the batch uses it
-                uses_u = torch.bincount(u, minlength=len(users)).to(users.dtype)
-                uses_i = torch.bincount(torch.cat([i, j]), minlength=len(items)).to(items.dtype)
-                l2 = uses_u @ users.square().sum(1) + uses_i @ items.square().sum(1)
-                loss = loss + cfg.reg * l2 / len(u)
+            if cfg.reg:
+                loss = loss + cfg.reg * _batch_l2(users, items, u, torch.cat([i, j]))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -295,10 +299,7 @@ class Aggregator(torch.nn.Module):
             else:  # sparse data: far fewer triples than (user, item) cells
                 loss = triple_loss(users, items, u, i_all[lo:hi], j_all[lo:hi])
             if cfg.reg:
-                uses_u = torch.bincount(u, minlength=len(users)).to(users.dtype)
-                uses_i = torch.bincount(torch.cat([i_all[lo:hi], j_all[lo:hi]]), minlength=len(items)).to(items.dtype)
-                l2 = uses_u @ users.square().sum(1) + uses_i @ items.square().sum(1)
-                loss = loss + cfg.reg * l2 / (hi - lo)
+                loss = loss + cfg.reg * _batch_l2(users, items, u, torch.cat([i_all[lo:hi], j_all[lo:hi]]))
             opt.zero_grad()
             loss.backward()
             opt.step()
