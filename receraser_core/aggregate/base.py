@@ -96,9 +96,6 @@ class AggConfig:
     decay: str = "constant"
     valid_from: int = 1  # first epoch whose model is validated and can be selected (at most the last epoch)
 
-    # bpr / lightgcn loss: an epoch draws this fraction of nnz triples (a step costs about its triples plus one
-    # embedding of every row, so fewer triples a step at the same number of steps makes the fit cheaper)
-    epoch_fraction: float = 1.0
     # bpr loss: each step takes the triples of one block of users (the epoch's users in a seeded order, cut into
     # as many blocks as steps), so a step embeds only those users and every item, not every user
     user_blocks: bool = False
@@ -120,8 +117,6 @@ class AggConfig:
             )
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"AggConfig.ema must be in [0, 1), got {self.ema}")
-        if not 0.0 < self.epoch_fraction <= 1.0:
-            raise ValueError(f"AggConfig.epoch_fraction must be in (0, 1], got {self.epoch_fraction}")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"AggConfig.warmup must be in [0, 1), got {self.warmup}")
         if self.decay not in ("constant", "linear"):
@@ -231,8 +226,7 @@ class Aggregator(torch.nn.Module):
         cfg = self.config
         if cfg.loss == "wmf":
             return self._wmf_epoch(train, opt, rng, epoch)
-        draws = max(1, round(train.nnz * cfg.epoch_fraction))
-        u_all, i_all, negs = bpr_triples(train, rng, torch.device("cpu"), sampling=cfg.sampling, draws=draws)
+        u_all, i_all, negs = bpr_triples(train, rng, torch.device("cpu"), sampling=cfg.sampling)
         if cfg.user_blocks and cfg.loss == "bpr":
             return self._user_block_epoch(train, opt, rng, epoch, (u_all, i_all, negs))
         # a batch larger than the catalogue is cheaper to embed as "everyone once, then index"

@@ -390,10 +390,8 @@ def bpr_triples(
     device: torch.device,
     negatives: str = "all",
     sampling: str = "interaction",
-    draws: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One epoch of BPR triples (users, positive items, negative items), each (``draws``,), from ``train``
-    alone; ``draws`` defaults to nnz (with interaction sampling: a seeded random subset of the pairs if fewer).
+    """One epoch of BPR triples (users, positive items, negative items), each (nnz,), from ``train`` alone.
 
     ``sampling="interaction"``: every training pair once, in a seeded random order, so a user weighs in
     proportion to their number of items. ``"user"``: nnz draws of a uniform user among those with at least one
@@ -402,17 +400,16 @@ def bpr_triples(
     from `sample_negatives`. Used by BPR, LightGCN and the aggregators.
     """
     check_sampling(sampling)
-    n = train.nnz if draws is None else min(int(draws), train.nnz)
     if sampling == "user":
         degree = np.diff(train.indptr)
         active = np.flatnonzero(degree)
-        users = active[rng.integers(0, len(active), size=n)] if len(active) else active
+        users = active[rng.integers(0, len(active), size=train.nnz)] if len(active) else active
         offsets = (rng.random(len(users)) * degree[users]).astype(np.int64)
         items = train.indices[train.indptr[users] + offsets].astype(np.int64)
         users = users.astype(np.int64)
     else:
         users, items = csr_to_pairs(train)
-        order = rng.permutation(len(users))[:n]
+        order = rng.permutation(len(users))
         users, items = users[order], items[order]
     negs = sample_negatives(train, users, rng, negatives=negatives)
     return tuple(torch.from_numpy(a).to(device) for a in (users, items, negs))  # type: ignore[return-value]
