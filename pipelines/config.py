@@ -97,7 +97,8 @@ AGG_DEFAULTS: dict[str, dict[str, Any]] = {
 #: 0.1731, validation 0.179 -> 0.171; LightGCN 0.2188 -> 0.2075; measured with per-interaction sampling, before
 #: shards sampled per user, and not rerun since).
 #: BPR and LightGCN shards early-stop ranking only the items they were trained on (`valid_items`): the others
-#: keep their random start and the aggregator masks them, and ranking them cost a third of a shard's fit.
+#: keep their random start and the aggregator masks them, and validating over every item was a quarter of a BPR
+#: shard's fit.
 SHARD_DEFAULTS: dict[str, dict[str, Any]] = {
     "bpr": {"lr": 5e-3, "negatives": "observed", "l2_per": "occurrence", "lr_decay": 1.0, "valid_items": "trained"},
     "lightgcn": {
