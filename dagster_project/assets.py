@@ -2,6 +2,7 @@
 their files in the run directory, so assets return only metadata and an explicit content `DataVersion`."""
 
 import dataclasses
+import functools
 import hashlib
 import json
 import tempfile
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from dagster import (
     AssetExecutionContext,
+    AssetKey,
     AssetsDefinition,
     BetaWarning,
     DagsterError,
@@ -166,9 +168,7 @@ def shard_data(context: AssetExecutionContext, receraser: ReceraserResource) -> 
             "items": int(len(np.unique(m.indices))),
             "validation_pairs": int(valid.nnz),
         },
-        data_version=DataVersion(
-            hashlib.sha256(f"{csr_fingerprint(m)}|{csr_fingerprint(valid)}".encode()).hexdigest()[:24]
-        ),
+        data_version=DataVersion(steps.shard_data_version(m, valid)),
     )
 
 
@@ -291,7 +291,27 @@ def retrain_model(
     return MaterializeResult(metadata={**metrics, "fit_seconds": res.record["fit_seconds"]})
 
 
-def _make_assets(cfg: PipelineConfig) -> list[AssetsDefinition | SourceAsset]:
+def compared_deletions(receraser: ReceraserResource) -> DataVersionsByPartition:
+    """A compared configuration's record of what was deleted from each of its shards: the content version of
+    what each shard's data would hold now (the main configuration's ledger knows only its own shards)."""
+    return DataVersionsByPartition(steps.shard_versions(receraser.run_dir(), receraser.pipeline_config()))
+
+
+def _as(name: str, fn: Any) -> Any:
+    """``fn`` run with compared configuration ``name``'s resource in place of the main one's (the Definitions
+    hold one ``receraser`` resource: the main configuration, with its compared ones)."""
+    if not name:
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args: Any, receraser: ReceraserResource, **kwargs: Any) -> Any:
+        own = receraser if receraser.name == name else receraser.compared()[name]
+        return fn(*args, receraser=own, **kwargs)
+
+    return run
+
+
+def _make_assets(cfg: PipelineConfig, name: str = "") -> list[AssetsDefinition | SourceAsset]:
     """The graph for one configuration: its K shard partitions, and code versions that carry the configuration
     (changing the dataset, model, partitioner, K, seeds or overrides makes the whole graph stale; each
     configuration has its own run directory) and the resolved training settings (the code's defaults
@@ -300,50 +320,87 @@ def _make_assets(cfg: PipelineConfig) -> list[AssetsDefinition | SourceAsset]:
     config = cfg.fingerprint()[:12]
     shard = _settings_hash(steps.shard_model_config(cfg, cfg.dataset, 0))  # seeds: in `config`
     agg = _settings_hash(dataclasses.asdict(cfg.agg_config()))
-    retrain = _settings_hash(model_config(cfg.model, cfg.dataset, cfg.model_overrides))
+    retrained = _settings_hash(model_config(cfg.model, cfg.dataset, cfg.model_overrides))
     shards = StaticPartitionsDefinition([str(k) for k in range(cfg.n_shards)])
-    return [
-        asset(group_name=GROUP, code_version=f"interactions-{config}")(interactions),
-        asset(group_name=GROUP, deps=["interactions"], code_version=f"wmf-{config}")(wmf_embeddings),
-        asset(group_name=GROUP, deps=["wmf_embeddings"], code_version=f"partition-{config}")(shard_assignment),
-        observable_source_asset(
+    prefix = [name] if name else []
+    group = name or GROUP
+
+    def own(asset_name: str) -> AssetKey:
+        return AssetKey([*prefix, asset_name])
+
+    def make(fn: Any, deps: list[AssetKey], code_version: str, partitioned: bool = False) -> AssetsDefinition:
+        return asset(
+            name=fn.__name__,
+            key_prefix=prefix or None,
+            group_name=group,
+            deps=deps,
+            code_version=code_version,
+            partitions_def=shards if partitioned else None,
+        )(_as(name, fn))
+
+    deleted = own("deletion_requests")
+    if name:  # a compared configuration: the main one's interactions and pretraining, its own shards' content
+        upstream: list[AssetsDefinition | SourceAsset] = []
+        source = observable_source_asset(
+            name="deletion_requests",
+            key_prefix=prefix,
+            group_name=group,
+            partitions_def=shards,
+            description="What has been deleted from each shard: the content version of each shard's data now.",
+        )(_as(name, compared_deletions))
+    else:
+        upstream = [
+            make(interactions, [], f"interactions-{config}"),
+            make(wmf_embeddings, [AssetKey("interactions")], f"wmf-{config}"),
+        ]
+        source = observable_source_asset(
             group_name=GROUP,
             partitions_def=shards,
             description="What has been deleted from each shard: a version per shard partition, from the ledger.",
-        )(deletion_requests),
-        asset(
-            group_name=GROUP,
-            deps=["shard_assignment", "deletion_requests"],
-            partitions_def=shards,
-            code_version=config,
-        )(shard_data),
-        asset(
-            group_name=GROUP,
-            deps=["shard_data", "deletion_requests"],
-            partitions_def=shards,
-            code_version=f"{config}-m{shard}",
-        )(shard_model),
-        asset(group_name=GROUP, deps=["shard_model", "deletion_requests"], code_version=f"{config}-m{shard}-a{agg}")(
-            aggregator
-        ),
-        asset(group_name=GROUP, deps=["aggregator", "deletion_requests"], code_version=f"{config}-m{shard}-a{agg}")(
-            evaluation
-        ),
-        asset(group_name=GROUP, deps=["interactions", "deletion_requests"], code_version=f"{config}-r{retrain}")(
-            retrain_model
-        ),
+        )(deletion_requests)
+    graph = [
+        *upstream,
+        make(shard_assignment, [AssetKey("wmf_embeddings")], f"partition-{config}"),
+        source,
+        make(shard_data, [own("shard_assignment"), deleted], config, partitioned=True),
+        make(shard_model, [own("shard_data"), deleted], f"{config}-m{shard}", partitioned=True),
+        make(aggregator, [own("shard_model"), deleted], f"{config}-m{shard}-a{agg}"),
+        make(evaluation, [own("aggregator"), deleted], f"{config}-m{shard}-a{agg}"),
     ]
+    if not name:  # the Retrain baseline of the main configuration's base model
+        graph.append(make(retrain_model, [AssetKey("interactions"), deleted], f"{config}-r{retrained}"))
+    return graph
 
 
-_BUILT: dict[str, list[AssetsDefinition | SourceAsset]] = {}
+_BUILT: dict[tuple[str, str], list[AssetsDefinition | SourceAsset]] = {}
 
 
-def build_assets(cfg: PipelineConfig) -> list[AssetsDefinition | SourceAsset]:
-    """The asset graph of a configuration (built once per configuration and process)."""
-    key = cfg.fingerprint()
+def build_assets(cfg: PipelineConfig, name: str = "") -> list[AssetsDefinition | SourceAsset]:
+    """The asset graph of a configuration (built once per configuration and process). A compared configuration
+    ``name`` gets its own asset group with key prefix ``name``: its shard assignment follows the main
+    configuration's `wmf_embeddings` (and reads its interactions); `retrain_model` is the main one's."""
+    key = (cfg.fingerprint(), name)
     if key not in _BUILT:
-        _BUILT[key] = _make_assets(cfg)
+        _BUILT[key] = _make_assets(cfg, name)
     return _BUILT[key]
+
+
+def all_assets(rec: ReceraserResource) -> list[AssetsDefinition | SourceAsset]:
+    """The main configuration's graph and every compared configuration's, as one code location shows them."""
+    out = list(build_assets(rec.pipeline_config()))
+    for name, other in rec.compared().items():
+        out += build_assets(other.pipeline_config(), name)
+    return out
+
+
+#: The assets a compared configuration shares with (reads from) the main configuration.
+SHARED_NAMES = ("interactions", "wmf_embeddings")
+
+
+def asset_key(rec: ReceraserResource, name: str) -> AssetKey:
+    """The key of asset ``name`` of ``rec``'s configuration: prefixed by a compared configuration's name, but for
+    the assets it shares with the main configuration."""
+    return AssetKey([rec.name, name]) if rec.name and name not in SHARED_NAMES else AssetKey(name)
 
 
 #: Asset names in graph order, partitioned ones, and each asset's parents: the same for every configuration.

@@ -25,12 +25,12 @@ from dagster import (
     materialize,
 )
 
-from dagster_project.assets import NAMES, SOURCE_NAMES, build_assets
+from dagster_project.assets import NAMES, SHARED_NAMES, SOURCE_NAMES, asset_key, build_assets
 from dagster_project.resources import ReceraserResource, ledger_for
 from dagster_project.settings import executor
 from pipelines.config import PipelineConfig
 from pipelines.forget import shard_deletion_versions
-from pipelines.steps import RunDir
+from pipelines.steps import RunDir, follow_redactions, shard_versions
 from pipelines.tracking import PARENT_TAG, Tracker
 from receraser_core.models.base import ConfigError
 from receraser_core.state_file import integrity
@@ -51,7 +51,7 @@ def shard_keys(cfg: PipelineConfig) -> list[str]:
 
 
 def _code_version(cfg: PipelineConfig, name: str) -> str | None:
-    defs = {a.key.path[-1]: a for a in build_assets(cfg) if isinstance(a, AssetsDefinition)}
+    defs = {a.key.path[-1]: a for a in build_assets(PipelineConfig(**cfg.to_dict())) if isinstance(a, AssetsDefinition)}
     return defs[name].get_asset_spec().code_version
 
 
@@ -80,12 +80,26 @@ def get_instance(state_dir: Path) -> DagsterInstance:
     return DagsterInstance.get()
 
 
-def _latest(instance: DagsterInstance, name: str, part: str | None, before: int | None = None) -> EventLogRecord | None:
+def names_of(rec: PipelineConfig) -> list[str]:
+    """The assets of a configuration's graph in order: a compared configuration's (`ReceraserResource.name`) start
+    with the main configuration's that it reads, and its Retrain is the main one's."""
+    if not getattr(rec, "name", ""):
+        return ORDER
+    return [n for n in ORDER if n != "retrain_model"]
+
+
+def _key(rec: PipelineConfig, name: str) -> AssetKey:
+    return asset_key(rec, name) if isinstance(rec, ReceraserResource) else AssetKey(name)
+
+
+def _latest(
+    instance: DagsterInstance, key: AssetKey, part: str | None, before: int | None = None
+) -> EventLogRecord | None:
     """The latest materialization (observation, for a source) of an asset partition, optionally before an event."""
     flt = AssetRecordsFilter(
-        asset_key=AssetKey(name), asset_partitions=[part] if part is not None else None, before_storage_id=before
+        asset_key=key, asset_partitions=[part] if part is not None else None, before_storage_id=before
     )
-    fetch = instance.fetch_observations if name in SOURCES else instance.fetch_materializations
+    fetch = instance.fetch_observations if key.path[-1] in SOURCES else instance.fetch_materializations
     records = fetch(flt, limit=1).records
     return records[0] if records else None
 
@@ -116,7 +130,7 @@ def _dagster_status(
     """Dagster's data-version rule, read from its event records: 'missing' without a materialization, 'stale'
     when the asset's code version or the data version of an input differs from what its latest materialization
     recorded, else 'fresh'. (The UI and GraphQL `staleStatusByPartition` answer the same; a test checks it.)"""
-    record = _latest(instance, name, part)
+    record = _latest(instance, _key(cfg, name), part)
     if record is None:
         return "missing"
     event = record.asset_event
@@ -124,7 +138,8 @@ def _dagster_status(
     if recorded != _code_version(cfg, name):
         return "stale"
     for parent, ppart in _inputs(name, part, keys):
-        if _version(_latest(instance, parent, ppart)) != _version(_latest(instance, parent, ppart, record.storage_id)):
+        key = _key(cfg, parent)
+        if _version(_latest(instance, key, ppart)) != _version(_latest(instance, key, ppart, record.storage_id)):
             return "stale"
     return "fresh"
 
@@ -161,8 +176,14 @@ def graph_status(
     all read stale."""
     keys = shard_keys(cfg)
     out: dict[str, str] = {}
-    for name in ORDER:
+    main_run = run.main if run is not None and run.main is not None else run
+    for name in names_of(cfg):
         if name == "retrain_model" and not include_retrain:
+            continue
+        if (
+            name in SHARED_NAMES and isinstance(cfg, ReceraserResource) and cfg.main_dir
+        ):  # the main configuration's, as it stands
+            out[name] = _shared_status(instance, cfg, name, main_run)
             continue
         parts: list[str | None] = list(keys) if name in PARTITIONED else [None]
         for part in parts:
@@ -175,6 +196,15 @@ def graph_status(
                 state = "stale"
             out[_label(name, part)] = state
     return out
+
+
+def _shared_status(instance: DagsterInstance, cfg: PipelineConfig, name: str, run: RunDir | None) -> str:
+    """A shared asset's status as a compared configuration sees it: missing, corrupt, or else the main
+    configuration's materialization counts as fresh (the main graph's own status says more)."""
+    if _latest(instance, AssetKey(name), None) is None:
+        return "missing"
+    files = _files(run, name, None)
+    return files if files != "ok" else "fresh"
 
 
 def status(
@@ -191,12 +221,17 @@ def observe_deletions(
     changed or was never recorded: only those partitions' `shard_data` (and what is downstream) become stale.
     Returns their keys."""
     changed = []
-    for key, version in shard_deletion_versions(ledger_for(rec), rec.n_shards).items():
+    source = asset_key(rec, "deletion_requests")
+    if rec.main_dir:  # a compared configuration: what each of its shards' data would hold now
+        versions = shard_versions(rec.run_dir(), rec.pipeline_config())
+    else:
+        versions = shard_deletion_versions(ledger_for(rec), rec.n_shards)
+    for key, version in versions.items():
         if keys is not None and key not in keys:
             continue
-        if _version(_latest(instance, "deletion_requests", key)) != version:
+        if _version(_latest(instance, source, key)) != version:
             tags = {DATA_VERSION_TAG: version, "dagster/data_version_is_user_provided": "true"}
-            instance.report_runless_asset_event(AssetObservation("deletion_requests", partition=key, tags=tags))
+            instance.report_runless_asset_event(AssetObservation(source, partition=key, tags=tags))
             changed.append(key)
     return changed
 
@@ -263,8 +298,8 @@ def materialize_names(
     if executor() == "celery":
         return _execute_on_workers(instance, names, rec, partition, tags or {}, level)
     result = materialize(
-        build_assets(rec.pipeline_config()),
-        selection=list(names),
+        build_assets(rec.pipeline_config(), rec.name),
+        selection=[asset_key(rec, n) for n in names],
         partition_key=partition,
         instance=instance,
         resources=_resources(rec, tracker),
@@ -313,7 +348,7 @@ def _execute_on_workers(
             "resources": {"receraser": {"config": fields}},
         },
         tags={**tags, **({"dagster/partition": partition} if partition is not None else {})},
-        asset_selection=[AssetKey(n) for n in names],
+        asset_selection=[asset_key(rec, n) for n in names],
         raise_on_error=True,
     ) as result:
         if not result.success:
@@ -347,7 +382,7 @@ def materialize_target(
     """Materialize a target: partitioned assets one run per shard (in parallel processes when ``workers`` > 1),
     then the unpartitioned ones in one run. With ``statuses`` (a `graph_status` snapshot taken before each
     stage), pieces that are fresh are skipped. Returns run ids."""
-    names = selection_names(target)
+    names = [n for n in selection_names(target) if n in names_of(rec) and not (rec.main_dir and n in SHARED_NAMES)]
     upstream = [n for n in names if n not in PARTITIONED and ORDER.index(n) < ORDER.index("shard_data")]
     parted = [n for n in names if n in PARTITIONED]
     downstream = [n for n in names if n not in PARTITIONED and n not in upstream]
@@ -397,14 +432,36 @@ def run_graph(
     rebuild: bool = False,
 ) -> list[str]:
     """Materialize whatever of the main graph is missing or stale (checked stage by stage, so what an
-    upstream rebuild makes stale is rebuilt too); nothing when everything is fresh.
+    upstream rebuild makes stale is rebuilt too), then of each compared configuration's; nothing when everything
+    is fresh.
 
     ``rebuild`` materializes everything: the pretrained embeddings and the partition are recomputed from the
     remaining (redacted) data, which lifts the limit of DESIGN.md section 3.6 at the cost of a full retrain."""
+    runs = _run_one(instance, rec, tracker, workers, log, rebuild)
+    for name, other in rec.compared().items():
+        what = f"{other.partitioner} + {other.aggregator}, {other.model}, K = {other.n_shards}"
+        log(f"compared configuration {name} ({what})")
+        runs += _run_one(instance, other, tracker, workers, lambda m: log(f"  {m}"), rebuild)
+    return runs
+
+
+def _run_one(
+    instance: DagsterInstance,
+    rec: ReceraserResource,
+    tracker: Tracker,
+    workers: int,
+    log: Callable[[str], None],
+    rebuild: bool,
+) -> list[str]:
     run = rec.run_dir()
     if not rebuild and all(v == "fresh" for v in graph_status(instance, rec, run=run).values()):
         log("everything is up to date: nothing to materialize")
         return []
+    if rec.main_dir:
+        rec.record_compared()  # from now on every deletion reaches it, whatever the settings
+        if run.assignment.exists():  # the main configuration's redactions since: forgotten here too
+            follow_redactions(run)
+            observe_deletions(instance, rec)
     # one MLflow parent run for the job: the runs of its steps nest under it
     parent = tracker.start_parent(rec.experiment(), "rebuild" if rebuild else "run", {"launched_by": "run"})
     try:

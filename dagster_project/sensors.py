@@ -4,8 +4,10 @@ Each tick does one of three things, from the ledger and the runs it launched:
 - pending requests and no batch under way: take the applier lock, redact them and record the affected shards'
   new deletion versions (`unlearn.prepare_batch`, the code `receraser unlearn` runs), then request one run per
   affected shard but the last (`shard_data` + `shard_model` of that partition);
-- those runs succeeded: request the last shard's run, which also rebuilds the aggregator and evaluation;
-- that run succeeded: mark the requests applied (a failed run marks them failed; `receraser unlearn` retries).
+- those runs succeeded: request the last shard's run, which also rebuilds the aggregator and evaluation, then
+  (with compared configurations) their changed shards' runs and their final runs (`Batch.phases`);
+- the last of them succeeded: mark the requests applied (a failed run marks them failed; `receraser unlearn`
+  retries).
 Run keys make every request idempotent: a tick that repeats one does not start a second run. As with `receraser
 unlearn`, the batch's MLflow runs nest under one parent run, `unlearn <request ids>`, which the last tick ends.
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 import json
 
 from dagster import (
-    AssetKey,
     AssetSelection,
     DagsterRunStatus,
     DefaultSensorStatus,
@@ -28,6 +29,7 @@ from dagster import (
     sensor,
 )
 
+from dagster_project.assets import asset_key
 from dagster_project.resources import ReceraserResource, ledger_for
 from dagster_project.unlearn import DELETIONS_TAG, Batch, RunSpec, prepare_batch, sensor_runs_in_flight
 from pipelines.ledger import ApplierBusy
@@ -36,13 +38,23 @@ from pipelines.tracking import PARENT_TAG, Tracker
 STAGE_TAG = "receraser/stage"
 
 
-def _request(batch: Batch, spec: RunSpec, stage: str, parent: str) -> RunRequest:
+def _request(rec: ReceraserResource, batch: Batch, spec: RunSpec, parent: str) -> RunRequest:
+    own = rec.compared()[spec.config] if spec.config else rec
     return RunRequest(
-        run_key=f"{batch.key}-{stage}",
-        asset_selection=[AssetKey(name) for name in spec.assets],
+        run_key=f"{batch.key}-{spec.stage}",
+        asset_selection=[asset_key(own, name) for name in spec.assets],
         partition_key=spec.partition,
-        tags={**batch.tags("sensor"), STAGE_TAG: stage, PARENT_TAG: parent},
+        tags={**batch.tags("sensor"), STAGE_TAG: spec.stage, PARENT_TAG: parent},
     )
+
+
+def _next(rec: ReceraserResource, batch: Batch, done: set[str | None], parent: str) -> list[RunRequest]:
+    """The runs of the first phase of the batch not yet done, once every earlier phase is (run keys make a
+    repeated request a no-op)."""
+    for phase in batch.phases(evaluation=True):
+        if not {spec.stage for spec in phase} <= done:
+            return [_request(rec, batch, spec, parent) for spec in phase]
+    return []
 
 
 def _start(context: SensorEvaluationContext, rec: ReceraserResource, tracker: Tracker) -> SensorResult | SkipReason:
@@ -60,10 +72,9 @@ def _start(context: SensorEvaluationContext, rec: ReceraserResource, tracker: Tr
     joined = ",".join(map(str, batch.ids))
     parent = tracker.start_parent(rec.experiment(), f"unlearn {joined}", {"deletion_requests": joined})
     state = {"ids": batch.ids, "shards": batch.shards, "records": batch.records, "agg": batch.aggregator}
-    requests = [_request(batch, spec, f"shard-{spec.partition}", parent) for spec in batch.shard_runs()]
-    if not requests:  # one shard (or none): the whole batch is one run
-        requests = [_request(batch, spec, "final", parent) for spec in [batch.final_run(evaluation=True)] if spec]
-    return SensorResult(run_requests=requests, cursor=json.dumps({**state, "parent": parent}))
+    state["compared"] = batch.compared
+    # one shard (or none) and no compared configuration: the whole batch is one run
+    return SensorResult(run_requests=_next(rec, batch, set(), parent), cursor=json.dumps({**state, "parent": parent}))
 
 
 def _follow(
@@ -78,20 +89,21 @@ def _follow(
             tracker.end_parent(parent, failed=True)
         return SensorResult(skip_reason=f"run {failed[0].run_id[:8]} failed; requests marked failed", cursor="")
     done = {r.tags.get(STAGE_TAG) for r in runs if r.status == DagsterRunStatus.SUCCESS}
-    if "final" in done:
+    requests = _next(rec, batch, done, parent)
+    if not requests:
         ledger.mark_applied(batch.ids, [r.run_id for r in runs], [])
         if parent:
             tracker.end_parent(parent)
         return SensorResult(skip_reason=f"applied request(s) {batch.ids}", cursor="")
-    shard_stages = {f"shard-{spec.partition}" for spec in batch.shard_runs()}
-    final = batch.final_run(evaluation=True)
-    if shard_stages <= done and final is not None:  # run key: requested once
-        return SensorResult(run_requests=[_request(batch, final, "final", parent)])
+    # the first phase was requested with the batch; a later one once, when the phase before it succeeded
+    requested = {r.tags.get(STAGE_TAG) for r in runs} | {r.tags[STAGE_TAG] for r in _next(rec, batch, set(), "")}
+    if any(r.tags[STAGE_TAG] not in requested for r in requests):
+        return SensorResult(run_requests=requests)
     return SkipReason(f"applying request(s) {batch.ids}: waiting for their runs")
 
 
 @sensor(
-    target=AssetSelection.assets("shard_data", "shard_model", "aggregator", "evaluation"),
+    target=AssetSelection.all(),
     minimum_interval_seconds=15,
     default_status=DefaultSensorStatus.RUNNING,
 )
@@ -103,7 +115,7 @@ def deletion_sensor(
     state = json.loads(context.cursor) if context.cursor else None
     applying = [r.id for r in ledger_for(receraser).get(statuses=["applying"])]
     if state and state["ids"] == applying:
-        batch = Batch(state["ids"], state["shards"], state["records"], state["agg"])
+        batch = Batch(state["ids"], state["shards"], state["records"], state["agg"], {}, state.get("compared", {}))
         return _follow(context, receraser, tracker, batch, state.get("parent", ""))
     if applying:
         return SkipReason(

@@ -4,8 +4,10 @@ typed configuration (`ReceraserResource`, whose fields and validation are `pipel
 Sources, later ones win: the defaults (the paper's: ML-1M, WMF, InBP, attention, K = 10), the JSON file named by
 ``$RECERASER_CONFIG`` (or ``receraser.json`` in the state directory), ``RECERASER_<FIELD>`` environment variables
 (``RECERASER_MODEL=bpr``, ``RECERASER_N_SHARDS=20``, ``RECERASER_MODEL_OVERRIDES='{"lr": 0.01}'``), and the
-command line. Nothing here writes the environment: the result reaches the assets as their resource (or as run
-config: `dagster_project.orchestrate`)."""
+command line. The file's ``"compare"`` (or ``RECERASER_COMPARE``, or ``--compare``) names configurations
+built beside the main one (``["sisa", "graph_eraser"]`` or ``{"ubp": {"partitioner": "ubp"}}``). Nothing here
+writes the environment: the result reaches the assets as their resource (or as run config:
+`dagster_project.orchestrate`)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dagster_project.resources import ReceraserResource
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, compare_configs, compare_fields
 from receraser_core.data.readers import PROJECT_ROOT
 from receraser_core.models.base import ConfigError
 
@@ -53,6 +55,8 @@ def load_settings(
     value is one `ConfigError` line naming where it came from."""
     home = state_dir(state)
     values: dict[str, Any] = {}
+    compare: Any = {}  # configurations beside the main one (`pipelines.config.compare_configs`)
+    compare_source = "compare"
     path = Path(os.environ.get("RECERASER_CONFIG") or home / "receraser.json")
     if path.exists():
         try:
@@ -61,6 +65,8 @@ def load_settings(
             raise ConfigError(f"{path}: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a JSON object of pipeline fields")
+        if "compare" in loaded:
+            compare, compare_source = loaded.pop("compare"), f"{path}: compare"
         values.update(loaded)
         PipelineConfig.from_dict(values, str(path))
     for name, field in PipelineConfig.model_fields.items():
@@ -68,10 +74,17 @@ def load_settings(
         if var in os.environ:
             values[name] = _env_value(var, field.annotation, os.environ[var])
             PipelineConfig.from_dict(values, f"{var}={os.environ[var]!r}")
+    if "RECERASER_COMPARE" in os.environ:
+        text = os.environ["RECERASER_COMPARE"].strip()
+        compare_source = f"RECERASER_COMPARE={text!r}"
+        compare = _env_value(compare_source, "json", text) if text.startswith(("{", "[")) else text
     given = {k: v for k, v in (cli or {}).items() if v is not None}
+    if "compare" in given:
+        compare, compare_source = given.pop("compare"), "--compare"
     values.update(given)
     cfg = PipelineConfig.from_dict(values, "command line" if given else "")
-    return ReceraserResource.from_pipeline_config(cfg, home, data_dir(data))
+    compare_configs(cfg, compare, compare_source)  # one line naming a bad one, before anything runs
+    return ReceraserResource.from_pipeline_config(cfg, home, data_dir(data), compare_fields(compare, compare_source))
 
 
 EXECUTORS = ("in_process", "celery")

@@ -4,7 +4,9 @@ All outstanding requests are applied together (batched unlearning). `prepare_bat
 the stored data and records in Dagster a new deletion version for each shard that held one (only those
 partitions go stale); `Batch.runs` lays the rebuild out as Dagster runs: one run per affected shard
 (`shard_data` + `shard_model`), the last of them also rebuilding the aggregator, so a batch touching m shards
-takes m runs, plus one for evaluation. `receraser unlearn` executes them in this process; the deletion sensor
+takes m runs, plus one for evaluation; then each compared configuration (`ReceraserResource.compared`) gets a
+run per shard of its whose data changed, the last with its aggregator and evaluation (`Batch.phases`).
+`receraser unlearn` executes them in this process; the deletion sensor
 (`sensors.py`) turns the same batch into `RunRequest`s. A request becomes ``applied`` once the aggregator over
 the rebuilt shards serves; on any failure it is marked ``failed`` with the reason and the next `unlearn`
 retries it. The serving snapshot is replaced only by the aggregator step, so until then the previous model
@@ -33,7 +35,7 @@ from pipelines.forget import (
     validation_shards,
 )
 from pipelines.ledger import ApplierBusy, Ledger, Request
-from pipelines.steps import load_interactions, load_partition, validation_routes
+from pipelines.steps import follow_redactions, load_interactions, load_partition, validation_routes
 from pipelines.tracking import PARENT_TAG, Tracker
 
 DELETIONS_TAG = "receraser/deletions"  # request ids: MLflow runs are tagged with them, nothing computes from it
@@ -48,10 +50,30 @@ IN_FLIGHT = [
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One Dagster run of a batch: the assets it materializes and the shard partition (None: unpartitioned)."""
+    """One Dagster run of a batch: the assets it materializes, the shard partition (None: unpartitioned) and the
+    configuration ("" the main one, else a compared configuration's name)."""
 
     assets: tuple[str, ...]
     partition: str | None
+    config: str = ""
+
+    @property
+    def stage(self) -> str:
+        """The run's stage in its batch (a run key and a tag): ``shard-3``, ``final``, ``sisa/final``."""
+        last = "aggregator" in self.assets or "evaluation" in self.assets
+        own = "final" if last else f"shard-{self.partition}"
+        return f"{self.config}/{own}" if self.config else own
+
+
+def _runs(config: str, shards: list[int], aggregator: bool, evaluation: bool) -> tuple[list[RunSpec], RunSpec | None]:
+    """A configuration's runs for a batch: every affected shard but the last (its data and model), then the last
+    shard with the aggregator (and evaluation, if asked); None when nothing but evaluation is asked."""
+    first = [RunSpec(("shard_data", "shard_model"), str(k), config) for k in shards[:-1]]
+    tail: tuple[str, ...] = ("aggregator",) if aggregator else ()
+    tail += ("evaluation",) if evaluation else ()
+    if shards:
+        return first, RunSpec(("shard_data", "shard_model", *tail), str(shards[-1]), config)
+    return first, RunSpec(tail, None, config) if tail else None
 
 
 @dataclass
@@ -63,6 +85,8 @@ class Batch:
     records: int
     aggregator: bool  # False only when every request named test records alone (only evaluation read them)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: compared configurations (name -> their shards whose data changed), rebuilt after the main one
+    compared: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -73,15 +97,19 @@ class Batch:
 
     def shard_runs(self) -> list[RunSpec]:
         """Every affected shard but the last: its data and model."""
-        return [RunSpec(("shard_data", "shard_model"), str(k)) for k in self.shards[:-1]]
+        return _runs("", self.shards, self.aggregator, False)[0]
 
     def final_run(self, evaluation: bool) -> RunSpec | None:
         """The last shard with the aggregator (and evaluation, if asked); None when nothing but evaluation."""
-        tail: tuple[str, ...] = ("aggregator",) if self.aggregator else ()
-        tail += ("evaluation",) if evaluation else ()
-        if self.shards:
-            return RunSpec(("shard_data", "shard_model", *tail), str(self.shards[-1]))
-        return RunSpec(tail, None) if tail else None
+        return _runs("", self.shards, self.aggregator, evaluation)[1]
+
+    def phases(self, evaluation: bool) -> list[list[RunSpec]]:
+        """The batch's runs in the order they may start: the main configuration's shards, its final run, then
+        every compared configuration's shards, then their final runs (with evaluation: the main one's comes
+        after the request is applied, theirs with their aggregators)."""
+        main = [self.shard_runs(), [r for r in [self.final_run(evaluation)] if r]]
+        compared = [_runs(name, shards, self.aggregator, True) for name, shards in self.compared.items()]
+        return [*main, [r for first, _ in compared for r in first], [last for _, last in compared if last]]
 
 
 @dataclass
@@ -196,9 +224,14 @@ def prepare_batch(
     observe_deletions(instance, rec, [str(k) for k in shards])
     test_only = all(c["test"] and not c["train"] and not c["valid"] for c in counts.values())
     log(f"applying {len(todo)} request(s): {removed} record(s) removed, shard(s) {shards or 'none'} to retrain")
-    return Batch(
-        [r.id for r in todo], shards, int(len(loc.positions)), not test_only, {"redact": time.perf_counter() - t0}
-    )
+    compared = {}
+    for name, other in rec.compared().items():  # their stores drop the records too; changed shards go stale
+        if other.run_dir().assignment.exists():  # (one never built will be built from the redacted data)
+            follow_redactions(other.run_dir(), load_interactions(run.interactions))
+            compared[name] = sorted(int(k) for k in observe_deletions(instance, other))
+            log(f"  compared configuration {name}: shard(s) {compared[name] or 'none'} to retrain")
+    seconds = {"redact": time.perf_counter() - t0}
+    return Batch([r.id for r in todo], shards, int(len(loc.positions)), not test_only, seconds, compared)
 
 
 def _why(held: list[int], stopped: list[int], moved: list[int], counts: dict[str, int]) -> dict[str, str]:
@@ -244,13 +277,15 @@ def _apply_outstanding(
     try:
         batch = prepare_batch(instance, rec, ledger, todo, log)
         tags = {**batch.tags("unlearn"), PARENT_TAG: parent}
-        final = batch.final_run(evaluation=False)
-        for spec in [*batch.shard_runs(), *([final] if final else [])]:
+        configs = {"": rec, **rec.compared()}
+        for spec in [spec for phase in batch.phases(evaluation=False) for spec in phase]:
             what = f"shard {spec.partition}" if spec.partition is not None else ""
             what += (" and " if what else "") + "the aggregator" if "aggregator" in spec.assets else ""
+            what = f"{spec.config}: {what or 'evaluation'}" if spec.config else what
             log(f"  retraining {what} ...")
             tk = time.perf_counter()
-            runs.append(materialize_names(instance, spec.assets, rec, recorder, partition=spec.partition, tags=tags))
+            own = configs[spec.config]
+            runs.append(materialize_names(instance, spec.assets, own, recorder, partition=spec.partition, tags=tags))
             log(f"  {what} done in {time.perf_counter() - tk:.1f} s")
         seconds = {**batch.seconds, "runs": time.perf_counter() - t0 - batch.seconds["redact"]}
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised

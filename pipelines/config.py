@@ -237,6 +237,61 @@ class PipelineConfig(pydantic.BaseModel):
             raise ConfigError(_one_line(exc, source, sorted(cls.model_fields))) from None
 
 
+#: Named configurations a user can put beside the main one by name alone (``"compare": ["sisa", "graph_eraser"]``
+#: in the config file): the paper's baselines on the main configuration's data, pretraining, base model and K.
+COMPARE_PRESETS: dict[str, dict[str, Any]] = {
+    "sisa": {"partitioner": "random", "aggregator": "mean"},
+    "graph_eraser": {"partitioner": "graph_eraser", "aggregator": "static"},
+    "receraser": {"partitioner": "inbp", "aggregator": "attention"},
+}
+#: Fields a compared configuration shares with the main one: it reads the main configuration's interactions and
+#: pretrained WMF embeddings (the same split and the same pretraining seed), so it cannot change them.
+SHARED_FIELDS = ("dataset", "split_seed", "seed")
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def compare_fields(named: Any, source: str = "compare") -> dict[str, Any]:
+    """``named`` as name -> fields: a comma-separated string or a list of names become names with no fields."""
+    if isinstance(named, str):
+        named = [n.strip() for n in named.split(",") if n.strip()]
+    if isinstance(named, list):
+        named = {n: {} for n in named}
+    if not isinstance(named, dict):
+        raise ConfigError(f"{source}: expected a list of names or an object of name -> pipeline fields")
+    return named
+
+
+def compare_configs(main: PipelineConfig, named: Any, source: str = "compare") -> dict[str, PipelineConfig]:
+    """The configurations to build beside ``main``, by name: ``named`` is a list of preset names
+    (`COMPARE_PRESETS`) or a mapping of name -> pipeline fields that differ from ``main`` (a preset name maps to
+    the preset plus those fields). One `ConfigError` line for a bad name, an unknown or shared field, or a
+    configuration equal to the main one."""
+    out: dict[str, PipelineConfig] = {}
+    for name, fields in compare_fields(named, source).items():
+        if not isinstance(name, str) or not name or set(name) - _NAME_CHARS or name[0].isdigit():
+            raise ConfigError(f"{source}: configuration name {name!r}: use lowercase letters, digits and _")
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{source}: {name}: expected an object of pipeline fields, got {fields!r}")
+        if not fields and name not in COMPARE_PRESETS:
+            raise ConfigError(
+                f"{source}: {name!r} is not a preset ({', '.join(COMPARE_PRESETS)}): give its fields, "
+                f'e.g. {{"{name}": {{"partitioner": "ubp"}}}}'
+            )
+        shared = sorted(set(fields) & set(SHARED_FIELDS))
+        if shared:
+            raise ConfigError(
+                f"{source}: {name}: {', '.join(shared)} cannot differ from the main configuration's (compared "
+                "configurations share its interactions and pretraining)"
+            )
+        cfg = PipelineConfig.from_dict(
+            {**main.to_dict(), **COMPARE_PRESETS.get(name, {}), **fields}, f"{source}: {name}"
+        )
+        if cfg == main:
+            raise ConfigError(f"{source}: {name}: the same as the main configuration")
+        out[name] = cfg
+    return out
+
+
 def _one_of(name: str, value: str, choices: Any) -> str:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")

@@ -73,12 +73,14 @@ def compare_table(client: Any, experiment: str) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'method':12} {'partition':13} {'aggregator':10} {'K':>3} {'seed':>4} {'Recall@20':>9} {'NDCG@20':>8}"
+    head = f"{'method':12} {'model':8} {'partition':13} {'aggregator':10} {'K':>3} {'seed':>4}"
+    head += f" {'Recall@20':>9} {'NDCG@20':>8}"
     lines = [head + f" {'train s':>8}  MLflow run", "-" * (len(head) + 44)]
     for r in rows:
         secs = f"{r['fit_seconds']:.1f}" if r["fit_seconds"] is not None else "-"
         lines.append(
-            f"{r['method']:12} {r['partitioner'] or '-':13} {r['aggregator'] or '-':10} {r['shards']:>3} "
+            f"{r['method']:12} {r['base_model']:8} {r['partitioner'] or '-':13} {r['aggregator'] or '-':10} "
+            f"{r['shards']:>3} "
             f"{r['seed']:>4} {r['recall@20'] or float('nan'):>9.4f} {r['ndcg@20'] or float('nan'):>8.4f} "
             f"{secs:>8}  {r['run_id']}"
         )

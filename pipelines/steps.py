@@ -16,6 +16,7 @@ Writes are atomic (temporary file, then rename), so an interrupted step never le
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -100,13 +101,15 @@ def load_interactions(path: Path) -> Interactions:
 
 
 class RunDir:
-    """Paths of one pipeline run's files."""
+    """Paths of one pipeline run's files. A compared configuration's run directory has ``main``, the main
+    configuration's: it reads that one's interactions and pretrained embeddings instead of holding its own."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, main: RunDir | None = None) -> None:
         self.root = Path(root)
+        self.main = main
 
-    interactions = property(lambda self: self.root / "interactions.npz")
-    embeddings = property(lambda self: self.root / "wmf_embeddings.npz")
+    interactions = property(lambda self: (self.main or self).root / "interactions.npz")
+    embeddings = property(lambda self: (self.main or self).root / "wmf_embeddings.npz")
     assignment = property(lambda self: self.root / "shard_assignment.npz")
     diagnostics = property(lambda self: self.root / "partition_diagnostics.json")
     aggregator = property(lambda self: self.root / "aggregator.pt")
@@ -257,13 +260,60 @@ def partition(run: RunDir, cfg: PipelineConfig, log: Log = _quiet) -> Partition:
     with progress(f"partition {cfg.partitioner}", cfg.partition_iters, "iteration", log) as shown:
         part = PARTITIONERS[cfg.partitioner](inter.train, cfg.n_shards, cfg.seed, callback=shown, **kwargs)
     diag = {**part.diagnostics, "seconds": time.perf_counter() - t0}
-    _atomic(run.assignment, lambda p: _save_npz(p, assignment=part.assignment))
+    _write_assignment(run, part.assignment, inter.train)
     write_json(run.diagnostics, diag)
     log(
         f"partitioned with {cfg.partitioner} into {cfg.n_shards} shards in {diag['seconds']:.1f} s: "
         f"sizes {diag['sizes']}"
     )
     return Partition(part.method, part.n_shards, part.assignment, diag)
+
+
+def _pair_keys(train: sp.csr_matrix) -> np.ndarray:
+    """One int64 per training interaction, (user, item) in CSR order."""
+    rows = np.repeat(np.arange(train.shape[0], dtype=np.int64), np.diff(train.indptr))
+    return rows * train.shape[1] + train.indices
+
+
+def _write_assignment(run: RunDir, assignment: np.ndarray, train: sp.csr_matrix) -> None:
+    """Store a shard assignment of ``train``. A compared configuration (``run.main``) also stores each entry's
+    (user, item): the main configuration redacts the interactions it reads, and the pairs let it find its
+    entries again in the redacted matrix (`follow_redactions`)."""
+    arrays: dict[str, Any] = {"assignment": assignment, "train_fingerprint": np.array(csr_fingerprint(train))}
+    if run.main is not None:
+        arrays["pairs"] = _pair_keys(train)
+    _atomic(run.assignment, lambda p: _save_npz(p, **arrays))
+
+
+def _realigned(run: RunDir, train: sp.csr_matrix) -> np.ndarray | None:
+    """A compared configuration's assignment of the current ``train``, which the main configuration's
+    redactions may have shrunk: the stored entries whose (user, item) is still in ``train``. None when the
+    stored one belongs to ``train`` as it is or holds no pairs."""
+    with read_npz(run.assignment) as z:
+        if "pairs" not in z or _belongs(z["assignment"], str(z["train_fingerprint"]), train):
+            return None
+        assignment, pairs = z["assignment"], z["pairs"]
+    keys = _pair_keys(train)
+    order = np.argsort(pairs, kind="stable")
+    at = order[np.minimum(np.searchsorted(pairs, keys, sorter=order), len(pairs) - 1)]
+    if len(pairs) == 0 or not np.array_equal(pairs[at], keys):
+        raise DataError(f"{run.assignment}: training records it never assigned: rebuild with `receraser run --rebuild`")
+    return assignment[at]
+
+
+def follow_redactions(run: RunDir, inter: Interactions | None = None) -> bool:
+    """Rewrite a compared configuration's assignment without the records the main configuration's redactions
+    removed (so this store no longer holds them either); True when something was removed."""
+    train = (inter if inter is not None else load_interactions(run.interactions)).train
+    assignment = _realigned(run, train)
+    if assignment is None:
+        return False
+    _write_assignment(run, assignment, train)
+    diag = read_json(run.diagnostics)
+    from pipelines.forget import shard_counts  # the diagnostics' sizes follow the data, as in `forget.redact`
+
+    write_json(run.diagnostics, {**diag, **shard_counts(assignment, train, int(diag["n_shards"]))})
+    return True
 
 
 def _read_assignment(run: RunDir) -> tuple[np.ndarray, str | None]:
@@ -285,6 +335,9 @@ def load_partition(run: RunDir, inter: Interactions | None = None) -> Partition:
     """The stored partition, checked against the stored (or given) interactions."""
     assignment, fingerprint = _read_assignment(run)
     train = (inter if inter is not None else load_interactions(run.interactions)).train
+    realigned = _realigned(run, train) if run.main is not None else None
+    if realigned is not None:  # the main configuration redacted since: the entries that remain
+        assignment, fingerprint = realigned, None
     if not _belongs(assignment, fingerprint, train):
         raise DataError(
             f"{run.assignment}: belongs to another training matrix (an interrupted redaction); "
@@ -317,12 +370,21 @@ def validation_routes(inter: Interactions, cfg: PipelineConfig, assignment: np.n
     return route_validation(inter.valid, inter.train, assignment, cfg.n_shards, cfg.seed)
 
 
-def shard_valid(run: RunDir, inter: Interactions, cfg: PipelineConfig, k: int, shard: sp.csr_matrix) -> sp.csr_matrix:
+def shard_valid(
+    run: RunDir,
+    inter: Interactions,
+    cfg: PipelineConfig,
+    k: int,
+    shard: sp.csr_matrix,
+    routes: np.ndarray | None = None,
+) -> sp.csr_matrix:
     """The validation pairs shard k's model early-stops on, by ``cfg.shard_valid``: "routed" (each validation
-    pair steers exactly one shard that holds both its user and its item, `route_validation`), "local" (every
-    such shard) or "global" (all of validation, every shard)."""
+    pair steers exactly one shard that holds both its user and its item, `route_validation`; ``routes`` when
+    already computed), "local" (every such shard) or "global" (all of validation, every shard)."""
     if cfg.shard_valid == "routed":
-        return routed_validation(inter.valid, validation_routes(inter, cfg, load_partition(run, inter).assignment), k)
+        if routes is None:
+            routes = validation_routes(inter, cfg, load_partition(run, inter).assignment)
+        return routed_validation(inter.valid, routes, k)
     return shard_validation(inter.valid, shard) if cfg.shard_valid == "local" else inter.valid
 
 
@@ -333,6 +395,26 @@ def write_shard_data(run: RunDir, cfg: PipelineConfig, k: int) -> tuple[sp.csr_m
     m = shard_train_matrix(run, k, inter)
     _atomic(run.shard_data(k), lambda p: _save_npz(p, indptr=m.indptr, indices=m.indices, shape=np.array(m.shape)))
     return m, shard_valid(run, inter, cfg, k, m)
+
+
+def shard_data_version(train: sp.csr_matrix, valid: sp.csr_matrix) -> str:
+    """The content version of a shard's data: its training interactions and the validation pairs it early-stops
+    on (so forgetting a validation record restales its shard too)."""
+    return hashlib.sha256(f"{csr_fingerprint(train)}|{csr_fingerprint(valid)}".encode()).hexdigest()[:24]
+
+
+def shard_versions(run: RunDir, cfg: PipelineConfig) -> dict[str, str]:
+    """What `write_shard_data` would store for every shard now, as content versions by partition key: a
+    compared configuration's record of what was deleted from each of its shards (the main configuration's
+    ledger knows only its own shards)."""
+    inter = load_interactions(run.interactions)
+    part = load_partition(run, inter)
+    routes = validation_routes(inter, cfg, part.assignment) if cfg.shard_valid == "routed" else None
+    out = {}
+    for k in range(cfg.n_shards):
+        m = part.shard_matrix(inter.train, k)
+        out[str(k)] = shard_data_version(m, shard_valid(run, inter, cfg, k, m, routes))
+    return out
 
 
 def load_shard_data(run: RunDir, k: int) -> sp.csr_matrix:
@@ -399,11 +481,11 @@ def train_shard(
     return model
 
 
-def _train_shard_worker(args: tuple[str, dict[str, Any], int]) -> tuple[int, float]:
-    root, cfg_dict, k = args
+def _train_shard_worker(args: tuple[str, str, dict[str, Any], int]) -> tuple[int, float]:
+    root, main, cfg_dict, k = args
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    train_shard(RunDir(Path(root)), PipelineConfig.from_dict(cfg_dict), k)
+    train_shard(RunDir(Path(root), RunDir(Path(main)) if main else None), PipelineConfig.from_dict(cfg_dict), k)
     return k, time.perf_counter() - t0
 
 
@@ -419,7 +501,7 @@ def train_shards(
             train_shard(run, cfg, k, log)
             out[k] = time.perf_counter() - t0
         return out
-    jobs = [(str(run.root), cfg.to_dict(), k) for k in todo]
+    jobs = [(str(run.root), str(run.main.root) if run.main else "", cfg.to_dict(), k) for k in todo]
     out = {}
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for k, secs in pool.map(_train_shard_worker, jobs):

@@ -12,7 +12,15 @@ from pathlib import Path
 from pipelines.config import MAX_SHARDS, MIN_SHARDS
 from pipelines.run import format_metrics
 
-CONFIG_FLAGS = {"dataset": str, "model": str, "partitioner": str, "aggregator": str, "n_shards": int, "seed": int}
+CONFIG_FLAGS = {
+    "dataset": str,
+    "model": str,
+    "partitioner": str,
+    "aggregator": str,
+    "n_shards": int,
+    "seed": int,
+    "compare": str,
+}
 
 
 def _shards(text: str) -> int:
@@ -40,6 +48,13 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
         "interactions (others) the partitioner deals out (default 10)",
     )
     p.add_argument("--seed", type=int, help="seed of pretraining, partition, submodels, aggregator (default 0)")
+    p.add_argument(
+        "--compare",
+        metavar="NAMES",
+        help="configurations built beside this one on its data and pretraining, as key-prefixed asset groups: "
+        "sisa, graph_eraser, receraser (comma-separated); others, with their own fields, in the config file "
+        '("compare": {"ubp": {"partitioner": "ubp"}}) or $RECERASER_COMPARE',
+    )
     p.add_argument("--state-dir", type=Path, help="project state directory (default ./state or $RECERASER_HOME)")
     p.add_argument("--data-dir", type=Path, help="dataset directory (default: see `receraser --help`)")
 
@@ -59,7 +74,7 @@ def pipeline_argv(args: argparse.Namespace) -> list[str]:
     for name in CONFIG_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
-            out += ["--shards" if name == "n_shards" else f"--{name.replace('_', '-')}", str(value)]
+            out += ["--shards" if name == "n_shards" else f"--{name}", str(value)]
     for name in ("state_dir", "data_dir"):
         if getattr(args, name, None):
             out += [f"--{name.replace('_', '-')}", str(Path(getattr(args, name)).resolve())]
@@ -112,6 +127,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     metrics = json.loads(run_dir.evaluation.read_text())
     print(f"\ntest metrics ({cfg.partitioner} + {cfg.aggregator}, K = {cfg.n_shards}):")
     print(format_metrics(metrics))
+    for name, other in rec.compared().items():
+        theirs = json.loads(other.run_dir().evaluation.read_text())
+        print(
+            f"compared {name:14} ({other.partitioner} + {other.aggregator}, K = {other.n_shards}): Recall@20 "
+            f"{theirs['recall@20']:.4f}, NDCG@20 {theirs['ndcg@20']:.4f}   (asset group {name})"
+        )
     print(f"\n{len(runs)} Dagster run(s) in {time.perf_counter() - t0:.1f} s")
     print(f"Dagster instance : {os.environ['DAGSTER_HOME']}   (UI: dagster dev -w workspace.yaml)")
     print(f"MLflow store     : {tracker.tracking_uri if hasattr(tracker, 'tracking_uri') else tracker}")
@@ -125,13 +146,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_materialize(args: argparse.Namespace) -> int:
     from dagster_project.orchestrate import materialize_target, parse_target, shard_keys
+    from receraser_core.data.interactions import DataError
 
     instance, rec, tracker = _context(args)
+    selection = args.selection
+    if "/" in selection:  # NAME/ASSET...: an asset of a compared configuration
+        name, selection = selection.split("/", 1)
+        if name.strip() not in rec.compared():
+            known = ", ".join(rec.compared()) or "none (see --compare)"
+            raise DataError(f"no compared configuration {name.strip()!r}; configured: {known}")
+        rec = rec.compared()[name.strip()]
     try:
-        target = parse_target(args.selection, shard_keys(rec))
+        target = parse_target(selection, shard_keys(rec))
     except ValueError as exc:
-        from receraser_core.data.interactions import DataError
-
         raise DataError(str(exc)) from None
     workers = 2 if args.executor == "multiprocess" else 1
     runs = materialize_target(instance, target, rec, tracker, workers, log=lambda m: print(m, flush=True))
@@ -140,10 +167,14 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
+    from dagster_project.assets import SHARED_NAMES
     from dagster_project.orchestrate import graph_status
 
     instance, rec, _ = _context(args)
     state = graph_status(instance, rec, include_retrain=True, run=rec.run_dir())
+    for name, other in rec.compared().items():
+        theirs = graph_status(instance, other, run=other.run_dir())
+        state.update({f"{name}/{label}": v for label, v in theirs.items() if label not in SHARED_NAMES})
     if args.json:
         print(json.dumps(state, indent=2))
     else:
@@ -197,7 +228,8 @@ def add_dagster_parsers(sub: argparse._SubParsersAction) -> None:
         "materialize",
         help="materialize a selection such as 'shard_model[3]+' (shard 3 and everything downstream)",
         description="SELECTION is ASSET, ASSET+ (with everything downstream) or ASSET[K,...]+ for shard "
-        "partitions, e.g. 'shard_model[3]+', 'shard_data[3]+', 'shard_model[0,4]+'. The same runs as the native "
+        "partitions, e.g. 'shard_model[3]+', 'shard_data[3]+', 'shard_model[0,4]+', prefixed NAME/ for a compared "
+        "configuration's (--compare), e.g. 'sisa/shard_model[3]+'. The same runs as the native "
         "`dagster asset materialize -m dagster_project.definitions --select 'shard_model+' --partition 3`.",
     )
     mat.add_argument("selection")
@@ -216,8 +248,8 @@ def add_dagster_parsers(sub: argparse._SubParsersAction) -> None:
 
     cmp = sub.add_parser(
         "compare",
-        help="the configurations built for a dataset and base model side by side, read from their MLflow runs",
-        description="Reads MLflow experiment receraser/<dataset>/<model> (the same runs the MLflow UI shows) and "
+        help="the configurations built for a dataset side by side, read from their MLflow runs",
+        description="Reads MLflow experiment receraser/<dataset> (the same runs the MLflow UI shows) and "
         "prints, per configuration, the latest evaluation (RecEraser, SISA, GraphEraser, or any partitioner + "
         "aggregator) and Retrain run: test Recall@20 / NDCG@20 and the seconds its training runs logged. Build "
         "the configurations first, e.g. `receraser run --partitioner random --aggregator mean` (SISA), "

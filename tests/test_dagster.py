@@ -257,7 +257,7 @@ def test_cli_run_is_idempotent_and_native_dagster_cli_works(tmp_path: Path) -> N
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(f"receraser/{env['RECERASER_DATASET']}/wmf")
+    exp = client.get_experiment_by_name(f"receraser/{env['RECERASER_DATASET']}")
     runs = client.search_runs([exp.experiment_id])
     names = [r.info.run_name for r in runs]
     # first run: K shards + aggregator + evaluation; native: shard 1 + aggregator + evaluation; shorthand: 2 + 2
