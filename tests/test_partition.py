@@ -32,6 +32,13 @@ def test_vectorised_greedy_equals_the_literal_greedy(n: int, k: int, capacity: i
     assert np.array_equal(greedy_balanced_assign(dist, capacity), greedy_reference(dist, capacity))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_greedy_breaks_ties_like_the_literal_greedy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    dist = rng.integers(0, 3, size=(120, 5)).astype(float)  # many equal distances: ties by point, then shard
+    assert np.array_equal(greedy_balanced_assign(dist, 26), greedy_reference(dist, 26))
+
+
 def test_greedy_hand_case() -> None:
     # three points all nearest to shard 0, capacity 2: the two nearest stay, the third moves to shard 1
     dist = np.array([[0.1, 0.9], [0.2, 0.8], [0.3, 0.4]])

@@ -130,7 +130,9 @@ def inbp_partition(
     init = np.stack([p[users[picks]], q[items[picks]]], axis=1)  # (K, 2, d): user anchor, item anchor
 
     def distances(a: np.ndarray) -> np.ndarray:  # (n, K) = |p_u - a^u|^2 * |q_i - a^i|^2
-        return _sq_dist(p, a[:, 0])[users] * _sq_dist(q, a[:, 1])[items]
+        out = np.take(_sq_dist(p, a[:, 0]), users, axis=0)  # (np.take: twice as fast as fancy indexing here)
+        out *= np.take(_sq_dist(q, a[:, 1]), items, axis=0)
+        return out
 
     def update(labels: np.ndarray, a: np.ndarray) -> np.ndarray:
         return np.stack([_means(p, labels, a[:, 0], users), _means(q, labels, a[:, 1], items)], axis=1)

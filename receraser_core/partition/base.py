@@ -105,6 +105,15 @@ def describe(method: str, assignment: np.ndarray, train: sp.csr_matrix, n_shards
     }
 
 
+def _kth_by_distance_then_point(dc: np.ndarray, points: np.ndarray, kth: int) -> tuple[float, int]:
+    """The (distance, point) pair at position ``kth`` (0-based) of the pairs sorted by distance, ties by point:
+    a selection in linear time (np.partition), not a sort."""
+    v = np.partition(dc, kth)[kth]
+    less = int(np.count_nonzero(dc < v))
+    tied = np.sort(points[dc == v])
+    return float(v), int(tied[kth - less])
+
+
 def greedy_balanced_assign(dist: np.ndarray, capacity: int) -> np.ndarray:
     """Nearest-first greedy assignment under a per-shard capacity, computed exactly and vectorised.
 
@@ -112,7 +121,9 @@ def greedy_balanced_assign(dist: np.ndarray, capacity: int) -> np.ndarray:
     point into the pair's shard if the point is still unassigned and the shard holds fewer than ``capacity``.
     Instead of walking n*K pairs, it proceeds in at most K phases: every unassigned point proposes to its
     nearest open shard; the first shard to fill up (in the global order) closes; proposals ordered before
-    that moment are accepted; repeat. dist (n, K) -> shard ids (n,).
+    that moment are accepted; repeat. Each phase is linear in the points: the moment a shard fills is its
+    room-th proposal in (distance, point) order, found by selection, not by sorting the proposals.
+    dist (n, K) -> shard ids (n,).
     """
     n, k = dist.shape
     if capacity * k < n:
@@ -120,29 +131,32 @@ def greedy_balanced_assign(dist: np.ndarray, capacity: int) -> np.ndarray:
     assigned = np.full(n, -1, dtype=np.int64)
     counts = np.zeros(k, dtype=np.int64)
     open_ = np.ones(k, dtype=bool)
+    choice_all = np.argmin(dist, axis=1)  # every point's nearest open shard (kept up to date below)
     todo = np.arange(n)
     while len(todo):
-        d = np.where(open_[None, :], dist[todo], np.inf)  # (m, K)
-        choice = np.argmin(d, axis=1)
-        dc = d[np.arange(len(todo)), choice]
-        order = np.lexsort((todo, dc, choice))  # by shard, then distance, then point index
-        sc, first = np.unique(choice[order], return_index=True)
-        n_prop = np.diff(np.r_[first, len(order)])
-        room = capacity - counts[sc]
-        fills = n_prop >= room  # shards that some proposal would fill
-        if not fills.any():
+        choice = choice_all[todo]
+        dc = dist[todo, choice]
+        n_prop = np.bincount(choice, minlength=k)
+        room = capacity - counts
+        filling = np.flatnonzero((n_prop > 0) & (n_prop >= room))  # shards that some proposal would fill
+        if not len(filling):
             assigned[todo] = choice
             break
-        # the moment each filling shard fills: its room-th proposal in (distance, point) order
-        at = order[first[fills] + room[fills] - 1]
-        stop = np.lexsort((todo[at], dc[at]))[0]
-        tau_d, tau_p, closing = dc[at][stop], todo[at][stop], sc[fills][stop]
+        # the moment each filling shard fills: its room-th proposal in (distance, point) order; the first
+        # of those moments closes its shard
+        moments = [_kth_by_distance_then_point(dc[choice == s], todo[choice == s], room[s] - 1) for s in filling]
+        stop = min(range(len(filling)), key=lambda j: moments[j])
+        (tau_d, tau_p), closing = moments[stop], int(filling[stop])
         accept = (dc < tau_d) | ((dc == tau_d) & (todo <= tau_p))
         assigned[todo[accept]] = choice[accept]
         counts += np.bincount(choice[accept], minlength=k)
+        todo = todo[~accept]
         open_[closing] = False
         open_ &= counts < capacity
-        todo = todo[~accept]
+        moved = ~open_[choice_all[todo]]
+        if moved.any():  # the points that proposed to a shard now closed propose to their next nearest
+            rows = todo[moved]
+            choice_all[rows] = np.argmin(np.where(open_[None, :], dist[rows], np.inf), axis=1)
     return assigned
 
 
