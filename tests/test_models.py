@@ -13,7 +13,7 @@ import torch
 
 from receraser_core.aggregate import AggConfig
 from receraser_core.data.interactions import Interactions, pairs_to_csr
-from receraser_core.metrics import evaluate, popularity_scores
+from receraser_core.metrics import evaluate, popularity_scores, validation_users
 from receraser_core.models import MODELS, ConfigError, build_model, load_model
 from receraser_core.models.base import bpr_triples, l2_penalty, sample_negatives
 from receraser_core.models.lightgcn import normalized_adjacency
@@ -388,3 +388,26 @@ def test_valid_items_trained_ranks_among_the_models_items_and_rejects_unknown_va
     assert everything.validation_recall(train, valid) > model.validation_recall(train, valid)
     with pytest.raises(ConfigError, match="valid_items must be one of"):
         build_model("bpr", 3, 5, valid_items="some")
+
+
+def test_early_stopping_validates_a_fixed_hashed_subset_of_users_above_the_cap() -> None:
+    """Above ``valid_users`` users, validation Recall@10 is that of a fixed subset (the same for every model on
+    the data, each user in or out by its own index alone); at or below it, every user."""
+    assert validation_users(6040, 10_000) is None and validation_users(100, 0) is None
+    chosen = validation_users(70_000, 10_000)
+    assert chosen is not None and 9_000 < len(chosen) < 11_000
+    assert np.array_equal(chosen, validation_users(70_000, 10_000))  # fixed
+    # a user's membership depends on its index alone: the first 50,000 users' are the same with 20,000 more
+    wider = validation_users(50_000, int(10_000 * 50_000 / 70_000))
+    assert wider is not None and len(np.setxor1d(wider, chosen[chosen < 50_000])) <= 2
+    rng = np.random.default_rng(0)
+    n_users, n_items = 400, 30
+    train = pairs_to_csr(rng.integers(0, n_users, 3000), rng.integers(0, n_items, 3000), n_users, n_items)
+    valid = pairs_to_csr(np.arange(n_users), rng.integers(0, n_items, n_users), n_users, n_items)
+    model = build_model("bpr", n_users, n_items, epochs=1, valid_users=100)
+    model.fit(train)
+    users = validation_users(n_users, 100)
+    with torch.no_grad():
+        expected = evaluate(model.scorer(), train, valid, ks=(10,), users=users)["recall@10"]
+        everyone = evaluate(model.scorer(), train, valid, ks=(10,))["recall@10"]
+    assert model.validation_recall(train, valid) == pytest.approx(expected) != pytest.approx(everyone)

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from receraser_core.metrics import evaluate
+from receraser_core.metrics import evaluate, validation_users
 from receraser_core.models.base import bpr_triples, check_sampling
 from receraser_core.models.bpr import triple_loss
 from receraser_core.models.lightgcn import normalized_adjacency, propagate, to_torch_csr
@@ -95,6 +95,7 @@ class AggConfig:
     warmup: float = 0.0
     decay: str = "constant"
     valid_from: int = 1  # first epoch whose model is validated and can be selected (at most the last epoch)
+    valid_users: int = 10_000  # validates at most about this many users (`metrics.validation_users`)
 
     # bpr loss: each step takes the triples of one block of users (the epoch's users in a seeded order, cut into
     # as many blocks as steps), so a step embeds only those users and every item, not every user
@@ -383,7 +384,8 @@ class Aggregator(torch.nn.Module):
             score = -loss
             if valid is not None and valid.nnz:
                 with self._weights(average):
-                    log["valid_recall@10"] = evaluate(self.scorer(), train, valid, ks=(10,))["recall@10"]
+                    users = validation_users(train.shape[0], self.config.valid_users)
+                    log["valid_recall@10"] = evaluate(self.scorer(), train, valid, ks=(10,), users=users)["recall@10"]
                 score = log["valid_recall@10"]
             result.history.append(log)
             if callback:

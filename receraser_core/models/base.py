@@ -22,7 +22,7 @@ import scipy.sparse as sp
 import torch
 
 from receraser_core.data.interactions import csr_to_pairs
-from receraser_core.metrics import evaluate
+from receraser_core.metrics import evaluate, validation_users
 from receraser_core.state_file import save_state
 
 EpochLog = dict[str, float]
@@ -46,6 +46,8 @@ class BaseConfig:
     # early stopping ranks "all" items, or only those "trained" (with an interaction in the model's training data):
     # a shard model's other items keep their random start, and the aggregator never reads them (masked)
     valid_items: str = "all"
+    # early stopping validates at most about this many users (a fixed hashed subset; `metrics.validation_users`)
+    valid_users: int = 10_000
 
     def validate(self) -> None:
         if self.valid_items not in VALID_ITEMS:
@@ -231,13 +233,14 @@ class Recommender(ABC):
         if self.config.valid_items == "trained":
             trained = np.flatnonzero(np.bincount(train.indices, minlength=self.n_items))
             items = trained if 0 < len(trained) < self.n_items else None
+        users = validation_users(self.n_users, self.config.valid_users)
         with torch.no_grad():
             if items is None:
-                return evaluate(self.scorer(), train, valid, ks=(10,), device=self.device)["recall@10"]
+                return evaluate(self.scorer(), train, valid, ks=(10,), device=self.device, users=users)["recall@10"]
             user_emb, item_emb = self.embeddings()
             item_t = item_emb[torch.from_numpy(items).to(item_emb.device)].t()
             score = lambda u: user_emb[u.to(user_emb.device)] @ item_t  # noqa: E731
-            return evaluate(score, train, valid, ks=(10,), device=self.device, items=items)["recall@10"]
+            return evaluate(score, train, valid, ks=(10,), device=self.device, users=users, items=items)["recall@10"]
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.params.items()}
