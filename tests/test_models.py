@@ -144,6 +144,21 @@ def test_negative_sampling_avoids_the_users_positives_only() -> None:
     assert counts.min() > 0.2 * 5000  # roughly uniform over the four candidates
 
 
+def test_a_user_with_almost_every_candidate_item_still_gets_uniform_negatives_or_none() -> None:
+    """A shard where a user holds all but one of its items (InBP at K = 20 on ML-1M had one): rejection sampling
+    gives up, the user's complement is drawn from instead; a user holding every item gets no triple."""
+    n_items = 400
+    rows = np.r_[np.zeros(n_items - 1, dtype=np.int64), np.ones(n_items, dtype=np.int64), [2]]
+    cols = np.r_[np.arange(n_items - 1), np.arange(n_items), [0]]
+    train = pairs_to_csr(rows, cols, 3, n_items)
+    users = np.array([0, 0, 1, 2, 2])
+    neg = sample_negatives(train, users, np.random.default_rng(0), max_rounds=2)
+    assert neg[:2].tolist() == [n_items - 1, n_items - 1] and neg[2] == -1 and 0 not in neg[3:].tolist()
+    u, i, j = bpr_triples(train, np.random.default_rng(0), torch.device("cpu"), sampling="interaction")
+    assert len(u) == train.nnz - n_items and 1 not in u.tolist()
+    assert not train[u.numpy().copy(), j.numpy().copy()].any()
+
+
 def test_negatives_are_the_same_with_the_lookup_table_or_the_binary_search(monkeypatch) -> None:
     """Small catalogues check candidates in a dense table of (user, item) cells, large ones by binary search in the
     sorted keys: the same draws either way."""

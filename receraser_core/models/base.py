@@ -344,7 +344,8 @@ def sample_negatives(
     max_rounds: int = 100,
     negatives: str = "all",
 ) -> np.ndarray:
-    """One uniform negative item per entry of ``users`` (n,), never an item the user has in ``train``.
+    """One uniform negative item per entry of ``users`` (n,), never an item the user has in ``train``; -1 for an
+    entry whose user has every candidate item (no negative exists).
 
     ``negatives="all"`` draws from the whole item catalogue; ``"observed"`` only from the items that occur in
     ``train`` (for a shard model: its shard's items). Only ``train`` is consulted: a shard model's negatives
@@ -384,7 +385,14 @@ def sample_negatives(
         if len(todo) == 0:
             return neg
         neg[todo] = draw(len(todo))
-    raise ValueError("could not sample negatives: some users have interacted with (almost) every item")
+    # the few entries still drawing a positive belong to users with (almost) every candidate item: draw each
+    # from the user's own complement, the same uniform distribution; -1 where there is none
+    candidates = np.arange(n_items) if pool is None else pool
+    for t in todo:
+        u = int(users[t])
+        left = np.setdiff1d(candidates, train.indices[train.indptr[u] : train.indptr[u + 1]], assume_unique=True)
+        neg[t] = left[rng.integers(0, len(left))] if len(left) else -1
+    return neg
 
 
 def bpr_triples(
@@ -415,4 +423,7 @@ def bpr_triples(
         order = rng.permutation(len(users))
         users, items = users[order], items[order]
     negs = sample_negatives(train, users, rng, negatives=negatives)
+    if (negs < 0).any():  # a user with every candidate item ranks nothing below them: no triple
+        keep = negs >= 0
+        users, items, negs = users[keep], items[keep], negs[keep]
     return tuple(torch.from_numpy(a).to(device) for a in (users, items, negs))  # type: ignore[return-value]
