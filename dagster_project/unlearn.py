@@ -27,6 +27,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster_project.orchestrate import materialize_names, observe_deletions
 from dagster_project.resources import ReceraserResource, ledger_for
 from pipelines.forget import (
+    affected_entries,
     finish_interrupted_redaction,
     locate,
     redact,
@@ -207,12 +208,14 @@ def prepare_batch(
     assignment = load_partition(run, inter).assignment
     loc = locate(run, todo, inter, assignment)
     cfg = rec.pipeline_config()
-    routes = validation_routes(inter, cfg, assignment) if cfg.shard_valid == "routed" else None
+    # the routes of the validation entries the batch can move (its users' and items'), not of all of them
+    only = affected_entries(inter, todo) if cfg.shard_valid == "routed" else None
+    routes = validation_routes(inter, cfg, assignment, only) if only is not None else None
     held = {r.id: loc.shards[np.isin(loc.positions, loc.by_request[r.id])].tolist() for r in todo}
     stopped = {r.id: validation_shards(inter, assignment, [r], cfg.shard_valid, routes) for r in todo}
     # validation pairs of others that the batch's training removals move to another shard (one list for the
     # batch: a move can follow from several requests' records together)
-    moved = rerouted_shards(inter, assignment, todo, routes, cfg) if routes is not None else []
+    moved = rerouted_shards(inter, assignment, todo, routes, cfg, only) if routes is not None else []
     # the shards holding a training record, and those early-stopping on a validation record
     moved_by = {r.id: moved if held[r.id] else [] for r in todo}  # named for the requests that removed training
     shards_by_id = {r.id: sorted({*r.shards, *held[r.id], *stopped[r.id], *moved_by[r.id]}) for r in todo}

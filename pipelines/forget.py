@@ -37,7 +37,7 @@ from pipelines.steps import (
     validation_routes,
     write_json,
 )
-from receraser_core.data.interactions import DataError, Interactions, csr_fingerprint, pairs_to_csr
+from receraser_core.data.interactions import DataError, Interactions, csr_fingerprint, csr_to_pairs, pairs_to_csr
 
 
 class ForgetError(DataError):
@@ -160,17 +160,33 @@ def validation_shards(
     return sorted(out)
 
 
+def affected_entries(inter: Interactions, requests: Sequence[Request]) -> np.ndarray:
+    """The validation entries (bool, one per entry) whose route the requests can change: those of the users and
+    items of their training records, and their own validation records. A route depends only on which shards
+    hold the entry's user and item, and removing (user, item) records changes that for those users and items
+    alone."""
+    positions = _all_positions(_positions(inter, requests))
+    users = np.repeat(np.arange(inter.train.shape[0]), np.diff(inter.train.indptr))
+    rows = np.repeat(np.arange(inter.valid.shape[0]), np.diff(inter.valid.indptr))
+    out = np.isin(rows, users[positions]) | np.isin(inter.valid.indices, inter.train.indices[positions])
+    for r in requests:
+        out[_hits(inter.valid, inter, r)] = True
+    return out
+
+
 def rerouted_shards(
     inter: Interactions,
     assignment: np.ndarray,
     requests: Sequence[Request],
     routes: np.ndarray,
     cfg: PipelineConfig,
+    only: np.ndarray | None = None,
 ) -> list[int]:
     """Shards whose routed validation pairs change, besides the requests' own validation records: removing
     training records can take a shard's last record of a user or an item, and the validation pairs routed
     there move to another shard holding both (`partition.route_validation`). ``routes``: the route of ``inter``'s
-    validation entries before the removal."""
+    validation entries before the removal; ``only``: the entries it holds (`affected_entries`), the only ones
+    a removal can move."""
     positions = _all_positions(_positions(inter, requests))
     if len(positions) == 0:
         return []  # no training record leaves: every shard holds the same users and items as before
@@ -178,9 +194,10 @@ def rerouted_shards(
     keep = np.ones(inter.valid.nnz, dtype=bool)
     keep[dropped] = False
     after_inter = replace(inter, train=_without(inter.train, positions), valid=_without(inter.valid, dropped))
-    after = validation_routes(after_inter, cfg, np.delete(assignment, positions))
+    kept = None if only is None else only[keep]
+    after = validation_routes(after_inter, cfg, np.delete(assignment, positions), kept)
     before = routes[keep]
-    moved = before != after
+    moved = before != after if kept is None else (before != after) & kept
     return sorted({int(k) for k in np.concatenate([before[moved], after[moved]]) if k >= 0})
 
 
@@ -217,11 +234,22 @@ def read_request_file(path: Path) -> list[NewRequest]:
 
 
 def _without(train: sp.csr_matrix, positions: np.ndarray) -> sp.csr_matrix:
-    """``train`` minus the stored entries at ``positions`` (row-major CSR order)."""
+    """``train`` minus the stored entries at ``positions`` (row-major CSR order): the same binary matrix as
+    rebuilding it from the remaining pairs, cut out of the CSR arrays directly (a rebuild sorted every entry:
+    1.5 s at 7.2M training interactions)."""
+    if not train.has_canonical_format:  # unsorted or duplicate entries: rebuild (sorted, duplicates collapsed)
+        rows, cols = csr_to_pairs(train)
+        keep = np.ones(train.nnz, dtype=bool)
+        keep[positions] = False
+        return pairs_to_csr(rows[keep], cols[keep], *train.shape)
     keep = np.ones(train.nnz, dtype=bool)
     keep[positions] = False
-    coo = train.tocoo()  # row-major order == CSR order
-    return pairs_to_csr(coo.row[keep], coo.col[keep], *train.shape)
+    gone_per_row = np.bincount(
+        np.searchsorted(train.indptr, np.unique(positions), side="right") - 1, minlength=train.shape[0]
+    )
+    indptr = np.r_[0, np.cumsum(np.diff(train.indptr) - gone_per_row)].astype(train.indptr.dtype)
+    indices = train.indices[keep]
+    return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=train.shape)
 
 
 def _all_positions(by_request: dict[int, np.ndarray]) -> np.ndarray:

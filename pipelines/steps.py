@@ -376,9 +376,12 @@ def shard_validation(valid: sp.csr_matrix, shard: sp.csr_matrix) -> sp.csr_matri
     return out
 
 
-def validation_routes(inter: Interactions, cfg: PipelineConfig, assignment: np.ndarray) -> np.ndarray:
-    """The shard each validation entry early-stops (``shard_valid="routed"``; -1: none), from the current data."""
-    return route_validation(inter.valid, inter.train, assignment, cfg.n_shards, cfg.seed)
+def validation_routes(
+    inter: Interactions, cfg: PipelineConfig, assignment: np.ndarray, only: np.ndarray | None = None
+) -> np.ndarray:
+    """The shard each validation entry early-stops (``shard_valid="routed"``; -1: none), from the current data
+    (of the entries in ``only`` alone, when given: `partition.route_validation`)."""
+    return route_validation(inter.valid, inter.train, assignment, cfg.n_shards, cfg.seed, only)
 
 
 def shard_valid(

@@ -34,6 +34,7 @@ from pipelines.steps import (
     read_json,
     shard_stack,
     training_threads,
+    validation_routes,
 )
 from pipelines.tracking import MemoryTracker
 from receraser_core.aggregate import AGGREGATORS
@@ -780,3 +781,62 @@ def test_an_older_ledger_is_upgraded_and_a_lost_key_is_one_line(tmp_path: Path) 
     with pytest.raises(DataError, match="ledger.key is missing") as err:
         Ledger(path)
     assert "\n" not in str(err.value)
+
+
+def test_a_batch_routes_only_the_validation_entries_it_can_move(tmp_path: Path) -> None:
+    """`prepare_batch` routes only the validation entries of the batch's users and items (`affected_entries`):
+    the routes of those entries, and the shards whose routed pairs move, are what routing every entry gives."""
+    from pipelines.config import PipelineConfig
+    from pipelines.forget import affected_entries, rerouted_shards
+    from receraser_core.data.interactions import Interactions
+
+    rng = np.random.default_rng(5)
+    n_users, n_items, k = 300, 120, 4
+
+    def table(n: int) -> sp.csr_matrix:
+        return pairs_to_csr(rng.integers(0, n_users, n), rng.integers(0, n_items, n), n_users, n_items)
+
+    ids = np.array([str(u) for u in range(n_users)]), np.array([str(100 + i) for i in range(n_items)])
+    inter = Interactions("synthetic", table(3000), table(600), table(600), *ids)
+    assignment = rng.integers(0, k, inter.train.nnz)
+    cfg = PipelineConfig(n_shards=k)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    users = np.repeat(np.arange(n_users), np.diff(inter.train.indptr))
+    full = validation_routes(inter, cfg, assignment)
+    # records that are their shard's only one of their item: removing them moves validation pairs routed there
+    key = assignment * n_items + inter.train.indices
+    lone = np.flatnonzero(np.bincount(key, minlength=k * n_items)[key] == 1)
+    every_move: set[int] = set()
+    for trial in range(6):
+        picks = rng.choice(lone if trial % 2 else np.arange(inter.train.nnz), size=1 + trial, replace=False)
+        new = [NewRequest("interaction", ids[0][users[p]], ids[1][inter.train.indices[p]]) for p in picks]
+        if trial == 5:
+            new = [NewRequest("user", ids[0][users[picks[0]]])]
+        added = [rid for rid, _ in ledger.add(new)]
+        todo = [r for r in ledger.get() if r.id in added]
+        only = affected_entries(inter, todo)
+        assert 0 < only.sum() < inter.valid.nnz
+        part = validation_routes(inter, cfg, assignment, only)
+        assert np.array_equal(part[only], full[only]) and (part[~only] == -1).all()
+        moved = rerouted_shards(inter, assignment, todo, part, cfg, only)
+        assert moved == rerouted_shards(inter, assignment, todo, full, cfg)
+        every_move |= set(moved)
+    assert every_move  # some trial did move routed pairs
+
+
+def test_removing_entries_cuts_the_csr_arrays_to_the_rebuilt_matrix() -> None:
+    from pipelines.forget import _without
+    from receraser_core.data.interactions import csr_to_pairs
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n_users, n_items = int(rng.integers(1, 30)), int(rng.integers(1, 30))
+        m = pairs_to_csr(rng.integers(0, n_users, 100), rng.integers(0, n_items, 100), n_users, n_items)
+        positions = rng.choice(m.nnz, size=int(rng.integers(0, m.nnz + 1)), replace=False)
+        rows, cols = csr_to_pairs(m)
+        keep = np.ones(m.nnz, dtype=bool)
+        keep[positions] = False
+        rebuilt = pairs_to_csr(rows[keep], cols[keep], n_users, n_items)
+        cut = _without(m, positions)
+        assert np.array_equal(cut.indptr, rebuilt.indptr) and np.array_equal(cut.indices, rebuilt.indices)
+        assert cut.dtype == rebuilt.dtype and cut.has_sorted_indices

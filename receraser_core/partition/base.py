@@ -48,7 +48,12 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def route_validation(
-    valid: sp.csr_matrix, train: sp.csr_matrix, assignment: np.ndarray, n_shards: int, seed: int = 0
+    valid: sp.csr_matrix,
+    train: sp.csr_matrix,
+    assignment: np.ndarray,
+    n_shards: int,
+    seed: int = 0,
+    only: np.ndarray | None = None,
 ) -> np.ndarray:
     """The one shard that early-stops on each validation entry (``valid``'s CSR order), or -1 for none.
 
@@ -56,7 +61,10 @@ def route_validation(
     only be judged on pairs it has seen both ends of); among them the entry goes to the shard with the highest
     seeded hash of (user, item, shard), rendezvous hashing. So the route depends only on the entry and on which
     shards hold its user and item: a deletion moves an entry only when the shard it was routed to loses the
-    user's or the item's last training record there, and then only to another of its candidates."""
+    user's or the item's last training record there, and then only to another of its candidates.
+
+    ``only`` (bool, one per entry): route those entries alone (the others read -1), each as it would be routed
+    among all of them, for a caller that needs the routes of a few users' and items' entries."""
     if train.nnz != len(assignment):
         raise PartitionError(f"partition covers {len(assignment)} interactions, train has {train.nnz}")
     n_users, n_items = train.shape
@@ -67,16 +75,22 @@ def route_validation(
     item_in[assignment, train.indices] = True
     rows = np.repeat(np.arange(n_users, dtype=np.uint64), np.diff(valid.indptr))
     cols = valid.indices.astype(np.uint64)
+    picked = np.arange(len(cols)) if only is None else np.flatnonzero(only)
+    rows, cols = rows[picked], cols[picked]
     with np.errstate(over="ignore"):
         base = _mix(rows * np.uint64(0x9E3779B97F4A7C15) ^ _mix(cols + np.uint64(seed) * np.uint64(0x632BE59BD9B4E019)))
         route = np.full(len(cols), -1, dtype=np.int64)
         best = np.zeros(len(cols), dtype=np.uint64)
-        r, c = rows.astype(np.int64), valid.indices
+        r, c = rows.astype(np.int64), cols.astype(np.int64)
         for k in range(n_shards):
             h = _mix(base ^ np.uint64(k + 1) * np.uint64(0xD1B54A32D192ED03))
             better = user_in[k, r] & item_in[k, c] & ((route < 0) | (h > best))
             route[better], best[better] = k, h[better]
-    return route
+    if only is None:
+        return route
+    out = np.full(valid.nnz, -1, dtype=np.int64)
+    out[picked] = route
+    return out
 
 
 def routed_validation(valid: sp.csr_matrix, route: np.ndarray, shard: int) -> sp.csr_matrix:
