@@ -334,12 +334,15 @@ def _execute_on_workers(
     from dagster_project.definitions import asset_job, defs
 
     loaded = (defs.resources or {}).get("receraser")
-    if not isinstance(loaded, ReceraserResource) or loaded.fingerprint() != rec.fingerprint():
+    held = {} if not isinstance(loaded, ReceraserResource) else {"": loaded, **loaded.compared()}
+    if rec.name not in held or held[rec.name].fingerprint() != rec.fingerprint():
         raise ConfigError(
             "with RECERASER_EXECUTOR=celery the workers build the graph from the config file and RECERASER_* "
             "variables: set the configuration there (the same for the workers), not only on the command line"
         )
-    fields = {**rec.to_dict(), "state_dir": rec.state_dir, "data_dir": rec.data_dir}
+    # the steps get the main configuration's resource (a compared configuration's steps pick theirs from it)
+    main = held[""] if rec.name else rec
+    fields = {**main.to_dict(), "state_dir": rec.state_dir, "data_dir": rec.data_dir, "compare": main.compare}
     with execute_job(
         reconstructable(asset_job),
         instance,

@@ -86,8 +86,11 @@ def valkey() -> Iterator[str]:
 
 def _models(state: Path) -> dict[str, dict[str, torch.Tensor]]:
     (run,) = (state / "pipeline").iterdir()
-    out = {f"shard {k}": load_model(run / "shards" / str(k) / "model.pt").params for k in range(K)}
-    out["aggregator"] = load_state(run / "aggregator.pt")["state"]
+    (sisa,) = (run / "compare").iterdir()  # the compared configuration, built beside it
+    out = {}
+    for label, root in (("", run), ("sisa ", sisa)):
+        out |= {f"{label}shard {k}": load_model(root / "shards" / str(k) / "model.pt").params for k in range(K)}
+        out[f"{label}aggregator"] = load_state(root / "aggregator.pt")["state"]
     return out
 
 
@@ -101,6 +104,7 @@ def test_main_job_and_a_deletion_on_celery_workers_with_postgres(tmp_path: Path,
         f"storage:\n  postgres:\n    postgres_url: {postgres}/dagster\ntelemetry:\n  enabled: false\n"
     )
     env |= {
+        "RECERASER_COMPARE": "sisa",  # a compared configuration too, its steps on the workers as well
         "RECERASER_EXECUTOR": "celery",
         "RECERASER_CELERY_BROKER": f"{valkey}/0",
         "RECERASER_CELERY_BACKEND": f"{valkey}/1",
@@ -165,11 +169,13 @@ def test_main_job_and_a_deletion_on_celery_workers_with_postgres(tmp_path: Path,
     with DagsterInstance.from_config(str(home)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert len(instance.get_runs()) >= 5
-    names = [r.info.run_name for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    names = [r.info.run_name for r in runs if "/" not in r.data.tags.get("asset_key", "")]  # the main ones
     assert names.count("shard_model[1]") == 2 and names.count("aggregator") == 2
+    assert [r.data.tags.get("asset_key") for r in runs].count("sisa/aggregator") == 2  # built, then unlearned
 
     # the embedded default, in-process with SQLite, with the same deletion: the same models, bit for bit
-    local = _env(tmp_path / "local")
+    local = _env(tmp_path / "local") | {"RECERASER_COMPARE": "sisa"}
     assert _cli(["run"], local).returncode == 0
     _python(FORGET, {**local, "SHARD": "1"})
     assert _cli(["unlearn"], local).returncode == 0
