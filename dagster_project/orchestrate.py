@@ -51,7 +51,7 @@ def shard_keys(cfg: PipelineConfig) -> list[str]:
 
 
 def _code_version(cfg: PipelineConfig, name: str) -> str | None:
-    defs = {a.key.path[-1]: a for a in build_assets(PipelineConfig(**cfg.to_dict())) if isinstance(a, AssetsDefinition)}
+    defs = {a.key.path[-1]: a for a in build_assets(cfg) if isinstance(a, AssetsDefinition)}
     return defs[name].get_asset_spec().code_version
 
 
@@ -234,6 +234,16 @@ def observe_deletions(
             instance.report_runless_asset_event(AssetObservation(source, partition=key, tags=tags))
             changed.append(key)
     return changed
+
+
+def follow_main(instance: DagsterInstance, rec: ReceraserResource) -> list[str]:
+    """A compared configuration after the main configuration's redactions: its assignment drops the removed
+    records (`steps.follow_redactions`) and its shards whose data changed get a new deletion version (so go
+    stale). Returns their keys; none for one never built (it will be built from the redacted data)."""
+    if not rec.run_dir().assignment.exists():
+        return []
+    follow_redactions(rec.run_dir())
+    return observe_deletions(instance, rec)
 
 
 @dataclass(frozen=True)
@@ -462,9 +472,7 @@ def _run_one(
         return []
     if rec.main_dir:
         rec.record_compared()  # from now on every deletion reaches it, whatever the settings
-        if run.assignment.exists():  # the main configuration's redactions since: forgotten here too
-            follow_redactions(run)
-            observe_deletions(instance, rec)
+        follow_main(instance, rec)
     # one MLflow parent run for the job: the runs of its steps nest under it
     parent = tracker.start_parent(rec.experiment(), "rebuild" if rebuild else "run", {"launched_by": "run"})
     try:

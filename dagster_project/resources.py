@@ -56,7 +56,7 @@ class ReceraserResource(ConfigurableResource, PipelineConfig):
                 **cfg.to_dict(),
                 state_dir=self.state_dir,
                 data_dir=self.data_dir,
-                compare={name: compare_fields(named)[name]},  # its own fields, for `record_compared`
+                compare={name: named[name]},  # its own fields, for `record_compared`
                 name=name,
                 main_dir=str(main),
             )

@@ -96,7 +96,8 @@ def _follow(
             tracker.end_parent(parent)
         return SensorResult(skip_reason=f"applied request(s) {batch.ids}", cursor="")
     # the first phase was requested with the batch; a later one once, when the phase before it succeeded
-    requested = {r.tags.get(STAGE_TAG) for r in runs} | {r.tags[STAGE_TAG] for r in _next(rec, batch, set(), "")}
+    first = next((phase for phase in batch.phases(evaluation=True) if phase), [])
+    requested = {r.tags.get(STAGE_TAG) for r in runs} | {spec.stage for spec in first}
     if any(r.tags[STAGE_TAG] not in requested for r in requests):
         return SensorResult(run_requests=requests)
     return SkipReason(f"applying request(s) {batch.ids}: waiting for their runs")

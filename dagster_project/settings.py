@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dagster_project.resources import ReceraserResource
-from pipelines.config import PipelineConfig, compare_configs, compare_fields
+from pipelines.config import PipelineConfig, compare_configs
 from receraser_core.data.readers import PROJECT_ROOT
 from receraser_core.models.base import ConfigError
 
@@ -84,7 +84,7 @@ def load_settings(
     values.update(given)
     cfg = PipelineConfig.from_dict(values, "command line" if given else "")
     compare_configs(cfg, compare, compare_source)  # one line naming a bad one, before anything runs
-    return ReceraserResource.from_pipeline_config(cfg, home, data_dir(data), compare_fields(compare, compare_source))
+    return ReceraserResource.from_pipeline_config(cfg, home, data_dir(data), compare)
 
 
 EXECUTORS = ("in_process", "celery")

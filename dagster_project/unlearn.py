@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from dagster_project.orchestrate import materialize_names, observe_deletions
+from dagster_project.orchestrate import follow_main, materialize_names, observe_deletions
 from dagster_project.resources import ReceraserResource, ledger_for
 from pipelines.forget import (
     affected_entries,
@@ -36,7 +36,7 @@ from pipelines.forget import (
     validation_shards,
 )
 from pipelines.ledger import ApplierBusy, Ledger, Request
-from pipelines.steps import follow_redactions, load_interactions, load_partition, validation_routes
+from pipelines.steps import load_interactions, load_partition, validation_routes
 from pipelines.tracking import PARENT_TAG, Tracker
 
 DELETIONS_TAG = "receraser/deletions"  # request ids: MLflow runs are tagged with them, nothing computes from it
@@ -229,9 +229,8 @@ def prepare_batch(
     log(f"applying {len(todo)} request(s): {removed} record(s) removed, shard(s) {shards or 'none'} to retrain")
     compared = {}
     for name, other in rec.compared().items():  # their stores drop the records too; changed shards go stale
-        if other.run_dir().assignment.exists():  # (one never built will be built from the redacted data)
-            follow_redactions(other.run_dir(), load_interactions(run.interactions))
-            compared[name] = sorted(int(k) for k in observe_deletions(instance, other))
+        if other.run_dir().assignment.exists():
+            compared[name] = sorted(int(k) for k in follow_main(instance, other))
             log(f"  compared configuration {name}: shard(s) {compared[name] or 'none'} to retrain")
     seconds = {"redact": time.perf_counter() - t0}
     return Batch([r.id for r in todo], shards, int(len(loc.positions)), not test_only, seconds, compared)

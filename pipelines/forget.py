@@ -17,7 +17,6 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,6 +33,7 @@ from pipelines.steps import (
     read_json,
     read_npz,
     save_interactions,
+    shard_counts,
     validation_routes,
     write_json,
 )
@@ -273,26 +273,6 @@ def locate(
     by_request = _positions(inter, requests)
     positions = _all_positions(by_request)
     return Located(positions, assignment[positions], by_request)
-
-
-def shard_counts(assignment: np.ndarray, train: sp.csr_matrix, n_shards: int) -> dict[str, Any]:
-    """The size fields of the partition diagnostics (`partition.base.describe`) for ``assignment`` of ``train``."""
-    users = np.repeat(np.arange(train.shape[0], dtype=np.int64), np.diff(train.indptr))
-    sizes = np.bincount(assignment, minlength=n_shards)
-
-    def distinct(ids: np.ndarray, n: int) -> list[int]:
-        pairs = assignment.astype(np.int64) * n + ids
-        if n_shards * n <= 50_000_000:  # a count table is much faster than sorting, while it fits
-            seen = np.bincount(pairs, minlength=n_shards * n).reshape(n_shards, n)
-            return np.count_nonzero(seen, axis=1).tolist()
-        return np.bincount(np.unique(pairs) // n, minlength=n_shards).tolist()
-
-    return {
-        "sizes": sizes.tolist(),
-        "users_per_shard": distinct(users, train.shape[0]),
-        "items_per_shard": distinct(train.indices.astype(np.int64), train.shape[1]),
-        "balance": float(sizes.max() / max(sizes.mean(), 1e-12)),
-    }
 
 
 def redact(run: RunDir, requests: Sequence[Request]) -> tuple[Interactions, int]:

@@ -307,9 +307,29 @@ def _realigned(run: RunDir, train: sp.csr_matrix) -> np.ndarray | None:
     keys = _pair_keys(train)
     order = np.argsort(pairs, kind="stable")
     at = order[np.minimum(np.searchsorted(pairs, keys, sorter=order), len(pairs) - 1)]
-    if len(pairs) == 0 or not np.array_equal(pairs[at], keys):
+    if not np.array_equal(pairs[at], keys):
         raise DataError(f"{run.assignment}: training records it never assigned: rebuild with `receraser run --rebuild`")
     return assignment[at]
+
+
+def shard_counts(assignment: np.ndarray, train: sp.csr_matrix, n_shards: int) -> dict[str, Any]:
+    """The size fields of the partition diagnostics (`partition.base.describe`) for ``assignment`` of ``train``."""
+    users = np.repeat(np.arange(train.shape[0], dtype=np.int64), np.diff(train.indptr))
+    sizes = np.bincount(assignment, minlength=n_shards)
+
+    def distinct(ids: np.ndarray, n: int) -> list[int]:
+        pairs = assignment.astype(np.int64) * n + ids
+        if n_shards * n <= 50_000_000:  # a count table is much faster than sorting, while it fits
+            seen = np.bincount(pairs, minlength=n_shards * n).reshape(n_shards, n)
+            return np.count_nonzero(seen, axis=1).tolist()
+        return np.bincount(np.unique(pairs) // n, minlength=n_shards).tolist()
+
+    return {
+        "sizes": sizes.tolist(),
+        "users_per_shard": distinct(users, train.shape[0]),
+        "items_per_shard": distinct(train.indices.astype(np.int64), train.shape[1]),
+        "balance": float(sizes.max() / max(sizes.mean(), 1e-12)),
+    }
 
 
 def follow_redactions(run: RunDir, inter: Interactions | None = None) -> bool:
@@ -320,9 +340,7 @@ def follow_redactions(run: RunDir, inter: Interactions | None = None) -> bool:
     if assignment is None:
         return False
     _write_assignment(run, assignment, train)
-    diag = read_json(run.diagnostics)
-    from pipelines.forget import shard_counts  # the diagnostics' sizes follow the data, as in `forget.redact`
-
+    diag = read_json(run.diagnostics)  # the sizes follow the data, as in `forget.redact`
     write_json(run.diagnostics, {**diag, **shard_counts(assignment, train, int(diag["n_shards"]))})
     return True
 
